@@ -1,0 +1,30 @@
+// What this library was built against; read by visionops.build_info() to explain load failures and mismatches.
+#include <string>
+
+#include <torch/library.h>
+
+#ifndef VISIONOPS_TORCH_VERSION
+#define VISIONOPS_TORCH_VERSION "unknown"
+#endif
+#ifndef VISIONOPS_CUDA_ARCHES
+#define VISIONOPS_CUDA_ARCHES ""
+#endif
+#ifndef VISIONOPS_VERSION
+#define VISIONOPS_VERSION "unknown"
+#endif
+
+namespace {
+std::string build_info() {
+  std::string info = "version=" VISIONOPS_VERSION ";torch=" VISIONOPS_TORCH_VERSION;
+#ifdef VISIONOPS_WITH_CUDA
+  info += ";cuda=1;cuda_arches=" VISIONOPS_CUDA_ARCHES;
+#else
+  info += ";cuda=0;cuda_arches=";
+#endif
+  return info;
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(visionops, m) {
+  m.def("_build_info() -> str", &build_info);
+}

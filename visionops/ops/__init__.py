@@ -1,0 +1,4 @@
+"""Thin op wrappers: argument checks, docstrings with shapes, fake kernels, autograd and autocast registrations."""
+from visionops.ops.nms import batched_nms, box_iou, nms
+
+__all__ = ["nms", "batched_nms", "box_iou"]

@@ -1,0 +1,46 @@
+"""Argument checks shared by the op wrappers: user mistakes become ValueError/TypeError naming the argument."""
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(name: str, t, *, floating: bool = False, integer: bool = False, dim: Optional[int] = None,
+                 last: Optional[int] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        shape = "[N, %d]" % last if (dim == 2 and last) else ("[N]" if dim == 1 else f"{dim}-D")
+        raise ValueError(f"{name} must have shape {shape}, got {list(t.shape)}")
+    if last is not None and t.shape[-1] != last:
+        raise ValueError(f"{name} must have shape [N, {last}], got {list(t.shape)}")
+
+
+def check_boxes(name: str, boxes) -> None:
+    check_tensor(name, boxes, floating=True, dim=2, last=4)
+
+
+def check_same_length(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+    n = tensors[0].shape[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.shape[0] != n:
+            raise ValueError(f"{name} must have {n} entries (one per row of {names[0]}), got {t.shape[0]}")
+
+
+def check_same_device(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+    dev = tensors[0].device
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but {names[0]} is on {dev}; they must be on the same device")
+
+
+def check_number(name: str, value) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)

@@ -1,0 +1,4 @@
+"""Pure-PyTorch implementations: the documented math, the test oracle and the fallback backend."""
+from visionops.reference.nms import batched_nms, box_iou, nms
+
+__all__ = ["nms", "batched_nms", "box_iou"]

@@ -1,0 +1,5 @@
+"""Triton kernels, each wrapped as its own custom op (``torch.ops.visionops.triton_*``), chosen with backend="triton".
+
+Importing a submodule needs the `triton` package. Under ``TRITON_INTERPRET=1`` (set before importing visionops) the
+kernels also run on CPU tensors, which is how the test-suite runs them without a GPU.
+"""
