@@ -6,5 +6,6 @@ Python signature plus a keyword-only ``backend=`` ("auto", "cpp", "triton", "ref
 from visionops._version import __version__
 from visionops._extension import build_info  # loads _C: registers the C++/CUDA kernels
 from visionops.ops import batched_nms, box_iou, nms
+import visionops.triton  # noqa: F401,E402  (registers the Triton ops when triton is installed)
 
 __all__ = ["__version__", "build_info", "nms", "batched_nms", "box_iou"]

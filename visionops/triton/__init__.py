@@ -3,3 +3,9 @@
 Importing a submodule needs the `triton` package. Under ``TRITON_INTERPRET=1`` (set before importing visionops) the
 kernels also run on CPU tensors, which is how the test-suite runs them without a GPU.
 """
+try:
+    import triton  # noqa: F401
+except ImportError:  # backend="triton" then raises a clear ValueError (visionops._backend)
+    pass
+else:
+    from visionops.triton import nms  # noqa: F401  (registers torch.ops.visionops.triton_*)
