@@ -18,4 +18,5 @@ class Case:
     quick: bool = False  # part of `--quick`
     devices: Tuple[str, ...] = ("cpu", "cuda")
     target: float = 0.0  # ratio the issue asks for on CPU (0: none); shown next to the measured ratio
+    gpu_target: float = 0.0  # same on CUDA
     tags: dict = field(default_factory=dict)

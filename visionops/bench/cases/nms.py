@@ -1,0 +1,81 @@
+"""NMS family cases: the issue's targets (CPU: nms 20k >= 20x, 1k >= 3x; batched_nms 20k/80 classes >= 3x; GPU: nms
+20k >= 2x) on boxes with xy ~ U(0, 800), wh ~ U(1, 101), iou 0.5, scores from randperm (no ties)."""
+import torch
+
+import visionops
+from visionops.bench.case import Case
+
+
+def _boxes(n, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 800
+    wh = torch.rand(n, 2, generator=g) * 100 + 1
+    scores = torch.randperm(n, generator=g).float() / n
+    return torch.cat([xy, xy + wh], 1).to(device), scores.to(device)
+
+
+def _same(a, b):
+    assert torch.equal(a.cpu(), b.cpu()), "visionops and baseline disagree"
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def nms_case(n, backend="auto"):
+    def make(device):
+        import torchvision
+
+        boxes, scores = _boxes(n, device)
+        return (lambda: visionops.nms(boxes, scores, 0.5, backend=backend),
+                lambda: torchvision.ops.nms(boxes, scores, 0.5), _same)
+
+    return make
+
+
+def batched_case(n, classes, backend="auto"):
+    def make(device):
+        import torchvision
+
+        boxes, scores = _boxes(n, device)
+        idxs = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(1)).to(device)
+        return (lambda: visionops.batched_nms(boxes, scores, idxs, 0.5, backend=backend),
+                lambda: torchvision.ops.batched_nms(boxes, scores, idxs, 0.5), _same)
+
+    return make
+
+
+def box_iou_case(n, m, backward=False, backend="auto"):
+    def make(device):
+        import torchvision
+
+        a, _ = _boxes(n, device, seed=2)
+        b, _ = _boxes(m, device, seed=3)
+        if not backward:
+            return (lambda: visionops.box_iou(a, b, backend=backend), lambda: torchvision.ops.box_iou(a, b), _close)
+        a.requires_grad_(), b.requires_grad_()
+        grad = torch.rand(n, m, device=device)
+
+        def run(fn):
+            return lambda: torch.autograd.grad(fn(a, b), (a, b), grad)
+
+        return (run(lambda x, y: visionops.box_iou(x, y, backend=backend)), run(torchvision.ops.box_iou),
+                lambda x, y: [_close(p, q) for p, q in zip(x, y)])
+
+    return make
+
+
+CASES = [
+    Case("nms", "1k boxes", nms_case(1_000), quick=True, target=3.0),
+    Case("nms", "20k boxes", nms_case(20_000), target=20.0, gpu_target=2.0),
+    Case("nms", "100k boxes", nms_case(100_000), devices=("cuda",)),
+    Case("batched_nms", "20k boxes / 80 classes", batched_case(20_000, 80), quick=True, target=3.0),
+    Case("batched_nms", "100k boxes / 80 classes", batched_case(100_000, 80), devices=("cuda",)),
+    Case("box_iou", "1k x 1k", box_iou_case(1_000, 1_000), quick=True),
+    Case("box_iou", "fwd+bwd 500 x 500", box_iou_case(500, 500, backward=True)),
+    # Triton backend on the GPU (on the CPU it only runs interpreted, which is for testing, not timing).
+    Case("nms", "20k boxes [triton]", nms_case(20_000, "triton"), devices=("cuda",)),
+    Case("nms", "100k boxes [triton]", nms_case(100_000, "triton"), devices=("cuda",)),
+    Case("batched_nms", "20k / 80 classes [triton]", batched_case(20_000, 80, "triton"), devices=("cuda",)),
+    Case("box_iou", "1k x 1k [triton]", box_iou_case(1_000, 1_000, backend="triton"), devices=("cuda",)),
+]
