@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     try:
         from tqdm import tqdm
 
-        progress = tqdm(total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+        progress = tqdm(total=total, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)  # off when not a TTY
     except ImportError:
         progress = None
     results = []

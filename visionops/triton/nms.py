@@ -11,7 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK = 64  # boxes per tile = bits per mask word
-GATHER_WORDS = 32  # mask words OR-ed per step of the gather
+GATHER_WORDS = 64  # mask words OR-ed per step of the gather
 
 
 @triton.jit
@@ -78,15 +78,17 @@ def nms_gather_kernel(mask_ptr, band_ptr, rank_ptr, removed_ptr, keep_ptr, n, W,
     for rb in range(0, col_blocks):
         rows = rb * BLOCK + k_ar.to(tl.int64)
         rmask = rows < n
-        diag = tl.load(mask_ptr + rows * W, mask=rmask, other=0)
         rem = tl.load(removed_ptr + rb)
-        kept = tl.zeros([BLOCK], dtype=tl.int1)
+        kept_bits = rem * 0
         # Greedy within the block, in score order: a row is kept unless a kept row (or an earlier block) removed it.
         for k in range(0, BLOCK):
-            alive = ((rem >> k) & 1) == 0
-            is_k = k_ar == k
-            kept = kept | (is_k & alive)
-            rem = rem | tl.where(alive, tl.sum(tl.where(is_k, diag, 0)), 0)
+            row = rb * BLOCK + k
+            alive = (((rem >> k) & 1) == 0) & (row < n)
+            # a scalar load per step (the diagonal words are few and hot) instead of a cross-thread reduction
+            diag_k = tl.load(mask_ptr + row * W, mask=alive, other=0)
+            kept_bits = kept_bits | (alive.to(tl.int64) << k)
+            rem = rem | diag_k
+        kept = ((kept_bits >> k_ar.to(tl.int64)) & 1) != 0
         kept = kept & rmask
         rank = tl.load(rank_ptr + rows, mask=rmask, other=0)
         tl.store(keep_ptr + rank, kept.to(tl.int8), mask=rmask)

@@ -30,6 +30,7 @@ constexpr int64_t kMaxCellsPerBox = 64;   // larger boxes live in a list every c
 // boxes can suppress each other.
 template <typename T>
 void nms_quadratic(const T* b, const T* area, int64_t n, double thr, uint8_t* keep) {
+  if (n <= 0) return;
   std::fill(keep, keep + n, uint8_t(1));
   for (int64_t i = 0; i < n; ++i) {
     if (!keep[i]) continue;
