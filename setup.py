@@ -13,8 +13,9 @@ try:
     from torch.utils import cpp_extension
 except ImportError:  # pragma: no cover - message for users
     sys.exit(
-        "visionops needs PyTorch to build. Install torch first (e.g. `pip install torch`), then run "
-        "`pip install --no-build-isolation .` so the extension is compiled against that torch."
+        "visionops needs PyTorch to build, and must be built against the torch you will run it with. Install torch "
+        "first (e.g. `pip install torch`), then run `pip install --no-build-isolation .` (or `-e .`): without "
+        "--no-build-isolation pip builds in an isolated environment that has no torch."
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
