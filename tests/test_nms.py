@@ -217,7 +217,8 @@ def test_torch_compile_fullgraph():
 def test_torch_export():
     class PostProcess(torch.nn.Module):
         def forward(self, boxes, scores, idxs):
-            return visionops.batched_nms(boxes, scores, idxs, 0.5), visionops.nms(boxes, scores, 0.6)
+            return (visionops.batched_nms(boxes, scores, idxs, 0.5), visionops.nms(boxes, scores, 0.6),
+                    visionops.box_iou(boxes, boxes[:7]))
 
     g = torch.Generator().manual_seed(12)
     boxes, scores = _inputs("clustered", 60, g)
