@@ -161,25 +161,31 @@ at::Tensor batched_nms_kernel(const at::Tensor& boxes_in, const at::Tensor& scor
   const int64_t n = boxes_in.size(0);
   if (n == 0) return at::empty({0}, boxes_in.options().dtype(at::kLong));
   const at::Tensor boxes = boxes_in.contiguous();
-  // Score order, then a stable sort by class: each class is a contiguous run, in decreasing score.
-  const at::Tensor order = std::get<1>(scores.sort(true, 0, true));
-  const at::Tensor by_class = std::get<1>(idxs.to(at::kLong).index_select(0, order).sort(true, 0, false)).contiguous();
-  const at::Tensor class_order = order.index_select(0, by_class).contiguous();  // box index of each class-sorted slot
-  const at::Tensor cls = idxs.to(at::kLong).index_select(0, class_order).contiguous();
-  const int64_t* cls_p = cls.data_ptr<int64_t>();
-  std::vector<int64_t> starts{0};
-  for (int64_t i = 1; i < n; ++i)
-    if (cls_p[i] != cls_p[i - 1]) starts.push_back(i);
+  // Score order, then (class, score rank) pairs sorted: each class becomes a contiguous run in decreasing score.
+  // (One std::sort of pairs is several times faster here than ATen's stable sort of int64 keys.)
+  const at::Tensor order = std::get<1>(scores.sort(true, 0, true)).contiguous();
+  const at::Tensor idxs_by_rank = idxs.to(at::kLong).index_select(0, order).contiguous();
+  std::vector<std::pair<int64_t, int64_t>> cls_rank(n);
+  const int64_t* ir = idxs_by_rank.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) cls_rank[r] = {ir[r], r};
+  std::sort(cls_rank.begin(), cls_rank.end());
+  std::vector<int64_t> class_order(n), rank(n), starts{0};
+  const int64_t* order_p = order.data_ptr<int64_t>();
+  for (int64_t p = 0; p < n; ++p) {
+    rank[p] = cls_rank[p].second;
+    class_order[p] = order_p[rank[p]];
+    if (p > 0 && cls_rank[p].first != cls_rank[p - 1].first) starts.push_back(p);
+  }
   starts.push_back(n);
   const int64_t n_classes = int64_t(starts.size()) - 1;
 
   // keep_by_rank[r] marks the box with the r-th highest score, so the result comes out in decreasing score order.
   at::Tensor keep_by_rank = at::zeros({n}, boxes.options().dtype(at::kBool));
   bool* keep_p = keep_by_rank.data_ptr<bool>();
-  const int64_t* rank_p = by_class.data_ptr<int64_t>();
+  const int64_t* rank_p = rank.data();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "batched_nms_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const std::vector<T> sorted = gather_rows<T, scalar_t>(boxes, class_order.data_ptr<int64_t>(), n);
+    const std::vector<T> sorted = gather_rows<T, scalar_t>(boxes, class_order.data(), n);
     at::parallel_for(0, n_classes, 1, [&](int64_t c0, int64_t c1) {
       std::vector<uint8_t> keep;
       for (int64_t c = c0; c < c1; ++c) {
