@@ -89,6 +89,17 @@ def test_nms_large_cpu_grid_path():
         torch.testing.assert_close(visionops.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr))
 
 
+def test_nms_extreme_coordinate_ranges_cpu():
+    """Grid sizing must survive any finite spread: huge ranges, one flat axis, float64 near its limits."""
+    g = torch.Generator().manual_seed(14)
+    base = clustered_boxes(300, generator=g).double()
+    cases = [base * 1e290, base + torch.tensor([1e300, 0, 1e300, 0], dtype=torch.float64),
+             torch.cat([base, base[:5] * torch.tensor([1e305, 1e-300, 1e305, 1e-300], dtype=torch.float64)])]
+    for boxes in cases:
+        scores = unique_scores(len(boxes), generator=g, dtype=torch.float64)
+        torch.testing.assert_close(visionops.nms(boxes, scores, 0.5), torchvision.ops.nms(boxes, scores, 0.5))
+
+
 def test_nms_negative_and_nan_threshold():
     g = torch.Generator().manual_seed(4)
     boxes, scores = _inputs("random", 300, g)

@@ -67,12 +67,17 @@ void nms_sorted(const T* b, int64_t n, double thr, uint8_t* keep) {
     std::fill(keep, keep + n, uint8_t(1));
     return;
   }
-  // Cells about one mean box side wide, at most ~4 cells per active box.
+  // Cells about one mean box side wide, at most ~4 cells per active box. (Sizes are clamped in double before any
+  // integer conversion: coordinates may span any finite range.)
   const double rx = maxx - minx, ry = maxy - miny;
-  double s = std::max(sum_side / n_active, std::sqrt(rx * ry / (4.0 * n_active)));
-  if (!(s > 0) || !std::isfinite(s)) s = std::max(rx, ry) > 0 && std::isfinite(std::max(rx, ry)) ? std::max(rx, ry) : 1.0;
-  const int64_t nx = std::min<int64_t>(int64_t(rx / s) + 1, 4 * n_active + 1);
-  const int64_t ny = std::min<int64_t>(int64_t(ry / s) + 1, (4 * n_active) / nx + 1);
+  const double s = std::max(sum_side / n_active, std::sqrt(rx * ry / (4.0 * n_active)));
+  if (!std::isfinite(rx) || !std::isfinite(ry) || !std::isfinite(s) || !(s > 0)) {
+    nms_quadratic(b, area.data(), n, thr, keep);
+    return;
+  }
+  const double max_cells = 4.0 * double(n_active);
+  const int64_t nx = int64_t(std::min(rx / s, max_cells)) + 1;
+  const int64_t ny = int64_t(std::min(ry / s, max_cells / double(nx))) + 1;
   auto cell = [&](double v, double lo, int64_t count) {
     const double c = std::floor((v - lo) / s);  // monotone in v, so overlapping boxes share a cell
     return c <= 0 ? int64_t(0) : (c >= double(count - 1) ? count - 1 : int64_t(c));
