@@ -142,14 +142,15 @@ def _filter_boxes_kernel(b_ptr, s_ptr, keep_ptr, n, thr, min_size, BLOCK: tl.con
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = i < n
     ty = b_ptr.dtype.element_ty
-    x1 = tl.load(b_ptr + 4 * i, mask=valid, other=0.0)
-    y1 = tl.load(b_ptr + 4 * i + 1, mask=valid, other=0.0)
-    x2 = tl.load(b_ptr + 4 * i + 2, mask=valid, other=0.0)
-    y2 = tl.load(b_ptr + 4 * i + 3, mask=valid, other=0.0)
-    s = tl.load(s_ptr + i, mask=valid, other=0.0)
+    x1 = tl.load(b_ptr + 4 * i, mask=valid, other=0.0).to(tl.float32)
+    y1 = tl.load(b_ptr + 4 * i + 1, mask=valid, other=0.0).to(tl.float32)
+    x2 = tl.load(b_ptr + 4 * i + 2, mask=valid, other=0.0).to(tl.float32)
+    y2 = tl.load(b_ptr + 4 * i + 3, mask=valid, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    # Sides rounded to the boxes' dtype, as torch's elementwise subtraction in that dtype (exact for float32).
     w = (x2 - x1).to(ty).to(tl.float32)
     h = (y2 - y1).to(ty).to(tl.float32)
-    keep = (s.to(tl.float32) >= thr) & (w >= min_size) & (h >= min_size)
+    keep = (s >= thr) & (w >= min_size) & (h >= min_size)
     tl.store(keep_ptr + i, keep.to(tl.int8), mask=valid)
 
 
