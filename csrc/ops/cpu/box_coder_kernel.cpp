@@ -1,6 +1,15 @@
 // CPU kernels of box coding: decode_boxes (+ backward), encode_boxes, filter_boxes (math: ops/common/box_coder.h).
 //
 // torchvision's decode_single makes ~20 passes over [N, K] temporaries; here each box is read once and written once.
+// The chunked decode loop below vectorises only if GCC may evaluate both arms of the selects in exp_poly and the
+// clamps (its default -ftrapping-math keeps floating-point exception flags exact, which forces branches). Nothing
+// here reads those flags. Clang already defaults to this. Set before the includes so that every inlined
+// helper is compiled the same way (GCC does not inline across differing options).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#include <algorithm>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -18,21 +27,38 @@ namespace {
 
 constexpr int64_t kGrain = 2048;  // boxes per task: enough work to amortise the thread hand-off
 
-template <typename scalar_t>
+constexpr int64_t kChunk = 64;  // boxes decoded together in structure-of-arrays form, so the math vectorises
+
+template <typename scalar_t, bool kClip>
 void decode_boxes_forward_kernel_impl(const scalar_t* deltas, const scalar_t* anchors, int64_t n, int64_t k,
                                       const BoxCoderParams<at::opmath_type<scalar_t>>& p, scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
-  at::parallel_for(0, n, std::max<int64_t>(1, kGrain / k), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T a[4] = {T(anchors[4 * i]), T(anchors[4 * i + 1]), T(anchors[4 * i + 2]), T(anchors[4 * i + 3])};
-      for (int64_t j = 0; j < k; ++j) {
-        const scalar_t* dp = deltas + 4 * (i * k + j);
-        const T d[4] = {T(dp[0]), T(dp[1]), T(dp[2]), T(dp[3])};
-        T o[4];
-        decode_box(a, d, p, o);
-        scalar_t* op = out + 4 * (i * k + j);
-        for (int c = 0; c < 4; ++c) op[c] = static_cast<scalar_t>(o[c]);
+  const int64_t total = n * k;
+  at::parallel_for(0, (total + kChunk - 1) / kChunk, std::max<int64_t>(1, kGrain / kChunk), [&](int64_t c0,
+                                                                                               int64_t c1) {
+    T a[4][kChunk], d[4][kChunk], o[4][kChunk];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t first = c * kChunk, m = std::min(kChunk, total - first);
+      const scalar_t* dsrc = deltas + 4 * first;
+      for (int64_t t = 0; t < m; ++t)
+        for (int q = 0; q < 4; ++q) d[q][t] = T(dsrc[4 * t + q]);
+      if (k == 1) {  // one delta per anchor (RPN): a plain strided copy, which the compiler vectorises
+        const scalar_t* asrc = anchors + 4 * first;
+        for (int64_t t = 0; t < m; ++t)
+          for (int q = 0; q < 4; ++q) a[q][t] = T(asrc[4 * t + q]);
+      } else {
+        for (int64_t t = 0; t < m; ++t)
+          for (int q = 0; q < 4; ++q) a[q][t] = T(anchors[4 * ((first + t) / k) + q]);
       }
+      for (int64_t t = 0; t < m; ++t) {
+        const T av[4] = {a[0][t], a[1][t], a[2][t], a[3][t]}, dv[4] = {d[0][t], d[1][t], d[2][t], d[3][t]};
+        T ov[4];
+        decode_box_impl<T, kClip>(av, dv, p, ov);
+        o[0][t] = ov[0], o[1][t] = ov[1], o[2][t] = ov[2], o[3][t] = ov[3];
+      }
+      scalar_t* dst = out + 4 * first;
+      for (int64_t t = 0; t < m; ++t)
+        for (int q = 0; q < 4; ++q) dst[4 * t + q] = static_cast<scalar_t>(o[q][t]);
     }
   });
 }
@@ -46,8 +72,9 @@ at::Tensor decode_boxes_forward_kernel(const at::Tensor& deltas, const at::Tenso
   const int64_t n = d.size(0), k = d.size(1) / 4;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "decode_boxes_cpu", [&] {
     const auto p = make_coder_params<at::opmath_type<scalar_t>>(weights, clip, image_size);
-    decode_boxes_forward_kernel_impl<scalar_t>(d.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), n, k, p,
-                                               out.data_ptr<scalar_t>());
+    auto* impl = p.clip_to_image ? &decode_boxes_forward_kernel_impl<scalar_t, true>
+                                 : &decode_boxes_forward_kernel_impl<scalar_t, false>;
+    impl(d.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), n, k, p, out.data_ptr<scalar_t>());
   });
   return out;
 }
