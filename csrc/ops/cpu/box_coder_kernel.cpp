@@ -47,8 +47,11 @@ void decode_boxes_forward_kernel_impl(const scalar_t* deltas, const scalar_t* an
         for (int64_t t = 0; t < m; ++t)
           for (int q = 0; q < 4; ++q) a[q][t] = T(asrc[4 * t + q]);
       } else {
-        for (int64_t t = 0; t < m; ++t)
-          for (int q = 0; q < 4; ++q) a[q][t] = T(anchors[4 * ((first + t) / k) + q]);
+        int64_t anchor = first / k, j = first - anchor * k;  // walked, not divided: a 64-bit division per box
+        for (int64_t t = 0; t < m; ++t) {                       // costs as much as the whole decode
+          for (int q = 0; q < 4; ++q) a[q][t] = T(anchors[4 * anchor + q]);
+          if (++j == k) j = 0, ++anchor;
+        }
       }
       for (int64_t t = 0; t < m; ++t) {
         const T av[4] = {a[0][t], a[1][t], a[2][t], a[3][t]}, dv[4] = {d[0][t], d[1][t], d[2][t], d[3][t]};
