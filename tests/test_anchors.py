@@ -256,6 +256,12 @@ def test_torch_compile_grid_anchors():
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(*cells), fn(*cells))
+    # the module as a detection model calls it
+    gen = visionops.AnchorGenerator(((32,), (64,)), ((0.5, 1.0),) * 2)
+    il = _image_list([(64, 96), (60, 90)])
+    fms = _feature_maps(il, [8, 16])
+    out = torch.compile(lambda i, f: gen(i, f), fullgraph=True, backend="aot_eager")(il, fms)
+    assert all(torch.equal(x, y) for x, y in zip(out, gen(il, fms)))
 
 
 def test_torch_export_grid_anchors():

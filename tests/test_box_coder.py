@@ -260,8 +260,32 @@ def test_torch_compile_decode():
     def fn(d, a):
         return visionops.decode_boxes(d, a, (10.0, 10.0, 5.0, 5.0), image_size=(300, 400)).relu()
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(fn, fullgraph=True)  # inductor: the one cold compile of this file
     torch.testing.assert_close(compiled(d, a), fn(d, a), rtol=0, atol=0)
+    d.requires_grad_()
+    compiled(d, a).sum().backward()
+    grad = d.grad.clone()
+    d.grad = None
+    fn(d, a).sum().backward()
+    torch.testing.assert_close(grad, d.grad, rtol=0, atol=0)
+
+
+def test_torch_compile_encode_and_filter():
+    d, a = _inputs(64, 1, seed=15)
+    scores = torch.rand(64, generator=torch.Generator().manual_seed(3))
+
+    def enc(g, p):
+        return visionops.encode_boxes(g, p, (10.0, 10.0, 5.0, 5.0)) * 2
+
+    g = a + 1
+    torch.testing.assert_close(torch.compile(enc, fullgraph=True, backend="aot_eager")(g, a), enc(g, a), rtol=0, atol=0)
+
+    def flt(b, s):
+        return visionops.filter_boxes(b, s, 0.3, 20.0) + 1
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        out = torch.compile(flt, fullgraph=True, backend="aot_eager")(a, scores)
+    assert torch.equal(out, flt(a, scores))
 
 
 def test_torch_export_decode_and_encode():
@@ -274,6 +298,18 @@ def test_torch_export_decode_and_encode():
     ep = torch.export.export(M(), (d, a))
     assert "visionops.decode_boxes" in str(ep.graph) and "visionops.encode_boxes" in str(ep.graph)
     torch.testing.assert_close(ep.module()(d, a), M()(d, a), rtol=0, atol=0)
+
+
+def test_torch_export_filter_boxes():
+    class M(torch.nn.Module):
+        def forward(self, b, s):
+            return torch.ops.visionops.filter_boxes(b, s, 0.3, 20.0)
+
+    _, a = _inputs(64, 1, seed=16)
+    s = torch.rand(64, generator=torch.Generator().manual_seed(4))
+    ep = torch.export.export(M(), (a, s))
+    assert "visionops.filter_boxes" in str(ep.graph)
+    assert torch.equal(ep.module()(a, s), M()(a, s))
 
 
 @needs_cuda
