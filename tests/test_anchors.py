@@ -91,6 +91,24 @@ def test_default_torchvision_fpn_config_and_own_tensors():
     assert torch.equal(a[1], b[1])
 
 
+def test_anchor_generator_custom_cell_anchors():
+    # torchvision reads the cell_anchors attribute in forward: users may assign their own
+    il = _image_list([(64, 96), (50, 90)])
+    fms = _feature_maps(il, [8, 16])
+    ours = visionops.AnchorGenerator(((32,), (64,)), ((1.0,), (1.0,)))
+    theirs = TVAnchorGenerator(((32,), (64,)), ((1.0,), (1.0,)))
+    ours(il, fms)  # populate the per-device copy, which must then notice the change
+    custom = [torch.tensor([[-3.0, -5.0, 3.0, 5.0], [-1.5, -1.0, 1.5, 1.0]]), torch.tensor([[-7.0, -2.0, 7.0, 2.0]])]
+    ours.cell_anchors = [c.clone() for c in custom]
+    theirs.cell_anchors = [c.clone() for c in custom]
+    for x, y in zip(ours(il, fms), theirs(il, fms)):
+        assert torch.equal(x, y)
+    ours.cell_anchors[1].mul_(2)  # in place, too
+    theirs.cell_anchors[1].mul_(2)
+    for x, y in zip(ours(il, fms), theirs(il, fms)):
+        assert torch.equal(x, y)
+
+
 def test_anchor_generator_single_level_shorthand():
     # torchvision accepts sizes=(32, 64) meaning one size per level and ratios shared by every level
     il = _image_list([(64, 96)])

@@ -160,12 +160,15 @@ class AnchorGenerator(nn.Module):
         return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
 
     def _cells(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        # self.cell_anchors stays the source of truth, as in torchvision (users may assign their own); the
+        # concatenated copy on the feature maps' device is rebuilt only when those tensors change.
         key = (_opmath(dtype), device)
-        if key not in self._cells_cache:
-            # From the float32 originals, as torchvision's set_cell_anchors casts rounded float32 values.
-            base = torch.cat([cell_anchors(s, a) for s, a in zip(self.sizes, self.aspect_ratios)])
-            self._cells_cache[key] = base.to(dtype=key[0], device=device)
-        return self._cells_cache[key]
+        stamp = tuple((id(c), c._version, c.dtype, c.device) for c in self.cell_anchors)
+        hit = self._cells_cache.get(key)
+        if hit is None or hit[0] != stamp:
+            base = torch.cat([c.to(dtype=key[0]) for c in self.cell_anchors]).to(device)
+            hit = self._cells_cache[key] = (stamp, base)
+        return hit[1]
 
     def grid_anchors(self, grid_sizes, strides) -> List[Tensor]:
         """Per level anchors, as torchvision's method (one launch; the levels are views of one tensor)."""
@@ -175,9 +178,9 @@ class AnchorGenerator(nn.Module):
         return list(out.to(device).split(counts))
 
     def forward(self, image_list, feature_maps: List[Tensor]) -> List[Tensor]:
-        if len(feature_maps) != len(self.sizes):
-            raise ValueError(f"got {len(feature_maps)} feature maps but the generator has {len(self.sizes)} levels "
-                             f"(sizes / aspect_ratios need one entry per feature map)")
+        if len(feature_maps) != len(self.cell_anchors):
+            raise ValueError(f"got {len(feature_maps)} feature maps but the generator has {len(self.cell_anchors)} "
+                             f"levels (sizes / aspect_ratios need one entry per feature map)")
         image_h, image_w = (int(v) for v in image_list.tensors.shape[-2:])
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
         grid, strides = [], []
@@ -186,7 +189,7 @@ class AnchorGenerator(nn.Module):
             grid += [gh, gw]
             # torchvision's integer stride; an empty level has no anchors, whatever its stride.
             strides += [float(image_h // gh) if gh else 0.0, float(image_w // gw) if gw else 0.0]
-        num_cells = self.num_anchors_per_location()
+        num_cells = [int(c.shape[0]) for c in self.cell_anchors]
         num_images = len(image_list.image_sizes)
         out = _grid_anchors_op(self._cells(dtype, device), num_cells, grid, strides, 0.0, num_images, dtype,
                                self.backend)
