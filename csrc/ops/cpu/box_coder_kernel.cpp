@@ -141,24 +141,32 @@ at::Tensor encode_boxes_forward_kernel(const at::Tensor& reference_boxes, const 
   return out;
 }
 
+// Two passes: a branch-free keep mask (vectorises), then a compaction. The thresholds and the sides are rounded to
+// the boxes' dtype and compared there, as torchvision's tensor-vs-scalar comparisons do.
 at::Tensor filter_boxes_kernel(const at::Tensor& boxes, const at::Tensor& scores, double score_threshold,
                                double min_size) {
   check_filter_args(boxes, scores);
   const at::Tensor b = boxes.contiguous(), s = scores.contiguous().to(boxes.scalar_type());
-  std::vector<int64_t> keep;
+  const int64_t n = b.size(0);
+  std::vector<uint8_t> keep(n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "filter_boxes_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const scalar_t *bp = b.data_ptr<scalar_t>(), *sp = s.data_ptr<scalar_t>();
-    // As torchvision: sides are rounded to the box dtype, and the thresholds are compared in that dtype.
     const T thr = T(static_cast<scalar_t>(score_threshold)), lo = T(static_cast<scalar_t>(min_size));
-    for (int64_t i = 0; i < b.size(0); ++i) {
+    for (int64_t i = 0; i < n; ++i) {
       const T w = T(static_cast<scalar_t>(bp[4 * i + 2] - bp[4 * i]));
       const T h = T(static_cast<scalar_t>(bp[4 * i + 3] - bp[4 * i + 1]));
-      if (T(sp[i]) >= thr && w >= lo && h >= lo) keep.push_back(i);
+      keep[i] = (T(sp[i]) >= thr) & (w >= lo) & (h >= lo);
     }
   });
-  at::Tensor out = at::empty({static_cast<int64_t>(keep.size())}, b.options().dtype(at::kLong));
-  std::copy(keep.begin(), keep.end(), out.data_ptr<int64_t>());
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += keep[i];
+  at::Tensor out = at::empty({count}, b.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t i = 0, j = 0; j < count; ++i) {
+    op[j] = i;  // written unconditionally, advanced only when kept: no branch to mispredict
+    j += keep[i];
+  }
   return out;
 }
 
