@@ -79,13 +79,47 @@ VISIONOPS_HOST_DEVICE inline T exp_of(T v) {
 #endif
 }
 
+#if !defined(__CUDA_ARCH__)
+// Branch-free logf for the CPU encode loop (Cephes' logf polynomial), <= 1 ulp like torch's SLEEF log. Exponent and
+// mantissa come from the bits, and special values are decided on the bits too (integer compares keep the selects
+// branch-free): 0 -> -inf, negatives and NaN -> NaN, +inf -> +inf; denormals are scaled into the normal range.
+inline float log_poly(float x) {
+  const int32_t raw = bits_as<int32_t>(x);
+  const bool denormal = raw > 0 && raw < 0x00800000;
+  const int32_t i = denormal ? bits_as<int32_t>(x * 8388608.0f) : raw;  // * 2^23
+  const bool small = (i & 0x007fffff) < 0x003504f3;  // mantissa below sqrt(1/2): use 2m - 1 and e - 1
+  const int32_t e = ((i >> 23) & 0xff) - 126 - (small ? 1 : 0) - (denormal ? 23 : 0);
+  const float m0 = bits_as<float>((i & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
+  const float m = small ? m0 + m0 - 1.0f : m0 - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  const float out = (m + y) + 0.693359375f * fe;
+  const int32_t zero = (raw & 0x7fffffff) == 0, negative = raw < 0, inf_or_nan = raw >= 0x7f800000;
+  const int32_t special = zero ? int32_t(0xff800000u) : (negative ? int32_t(0x7fc00000) : raw);
+  return (zero | negative | inf_or_nan) ? bits_as<float>(special) : out;
+}
+#endif
+
 template <typename T>
 VISIONOPS_HOST_DEVICE inline T log_of(T v) {
 #if defined(__CUDA_ARCH__)
   if constexpr (sizeof(T) == 4) return logf(v);
   else return ::log(v);
 #else
-  return std::log(v);
+  if constexpr (sizeof(T) == 4) return log_poly(v);
+  else return std::log(v);
 #endif
 }
 

@@ -117,6 +117,32 @@ std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_kernel(const at::Tensor
   return {gd, ga};
 }
 
+// Same chunked structure-of-arrays layout as decode, so that the math (log included) vectorises.
+template <typename scalar_t>
+void encode_boxes_forward_kernel_impl(const scalar_t* ref, const scalar_t* prop, int64_t n,
+                                      const BoxCoderParams<at::opmath_type<scalar_t>>& p, scalar_t* out) {
+  using T = at::opmath_type<scalar_t>;
+  at::parallel_for(0, (n + kChunk - 1) / kChunk, std::max<int64_t>(1, kGrain / kChunk), [&](int64_t c0,
+                                                                                         int64_t c1) {
+    T r[4][kChunk], q[4][kChunk], o[4][kChunk];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t first = c * kChunk, m = std::min(kChunk, n - first);
+      const scalar_t *rs = ref + 4 * first, *qs = prop + 4 * first;
+      for (int64_t t = 0; t < m; ++t)
+        for (int k = 0; k < 4; ++k) r[k][t] = T(rs[4 * t + k]), q[k][t] = T(qs[4 * t + k]);
+      for (int64_t t = 0; t < m; ++t) {
+        const T rv[4] = {r[0][t], r[1][t], r[2][t], r[3][t]}, qv[4] = {q[0][t], q[1][t], q[2][t], q[3][t]};
+        T ov[4];
+        encode_box(rv, qv, p, ov);
+        o[0][t] = ov[0], o[1][t] = ov[1], o[2][t] = ov[2], o[3][t] = ov[3];
+      }
+      scalar_t* dst = out + 4 * first;
+      for (int64_t t = 0; t < m; ++t)
+        for (int k = 0; k < 4; ++k) dst[4 * t + k] = static_cast<scalar_t>(o[k][t]);
+    }
+  });
+}
+
 at::Tensor encode_boxes_forward_kernel(const at::Tensor& reference_boxes, const at::Tensor& proposals,
                                        at::ArrayRef<double> weights) {
   check_encode_args(reference_boxes, proposals, weights);
@@ -124,25 +150,13 @@ at::Tensor encode_boxes_forward_kernel(const at::Tensor& reference_boxes, const 
   at::Tensor out = at::empty(r.sizes(), r.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "encode_boxes_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const auto p = make_coder_params<T>(weights, 0.0, {});
-    const scalar_t *rp = r.data_ptr<scalar_t>(), *qp = q.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, r.size(0), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const T rv[4] = {T(rp[4 * i]), T(rp[4 * i + 1]), T(rp[4 * i + 2]), T(rp[4 * i + 3])};
-        const T qv[4] = {T(qp[4 * i]), T(qp[4 * i + 1]), T(qp[4 * i + 2]), T(qp[4 * i + 3])};
-        T o[4];
-        encode_box(rv, qv, p, o);
-        for (int c = 0; c < 4; ++c) op[4 * i + c] = static_cast<scalar_t>(o[c]);
-      }
-    });
+    const auto p = make_coder_params<at::opmath_type<scalar_t>>(weights, 0.0, {});
+    encode_boxes_forward_kernel_impl<scalar_t>(r.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), r.size(0), p,
+                                               out.data_ptr<scalar_t>());
   });
   return out;
 }
 
-// Two passes: a branch-free keep mask (vectorises), then a compaction. The thresholds and the sides are rounded to
-// the boxes' dtype and compared there, as torchvision's tensor-vs-scalar comparisons do.
 at::Tensor filter_boxes_kernel(const at::Tensor& boxes, const at::Tensor& scores, double score_threshold,
                                double min_size) {
   check_filter_args(boxes, scores);
