@@ -175,6 +175,27 @@ def test_filter_boxes_matches_torchvision_rpn(device, dtype):
             assert torch.equal(out, keep), backend
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, from the Triton interpreter
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_special_values_match_torchvision(device, dtype):
+    # The CPU kernels use their own vectorised exp/log: check they treat inf, nan, huge and tiny values as torch.
+    vals = [float("nan"), float("inf"), -float("inf"), -200.0, -90.0, 0.0, 80.0, 1000.0]
+    deltas = torch.tensor([[0.0, 0.0, v, v] for v in vals], dtype=dtype, device=device)
+    anchors = torch.tensor([[-1.0, -1.0, 1.0, 1.0]] * len(vals), dtype=dtype, device=device)
+    for backend in backends_for(device):
+        ours = visionops.decode_boxes(deltas, anchors, bbox_xform_clip=1e4, backend=backend)
+        theirs = TVBoxCoder((1.0, 1.0, 1.0, 1.0), bbox_xform_clip=1e4).decode_single(deltas, anchors)
+        torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=0, equal_nan=True)
+    sides = [0.0, -0.0, -2.0, float("inf"), float("nan"), 1e-40, 3.0]
+    gts = torch.tensor([[0.0, 0.0, w, w] for w in sides], dtype=dtype, device=device)
+    props = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * len(sides), dtype=dtype, device=device)
+    for backend in backends_for(device):
+        ours = visionops.encode_boxes(gts, props, backend=backend)
+        theirs = TVBoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single(gts, props)
+        torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_inputs(device):
     for backend in backends_for(device):
