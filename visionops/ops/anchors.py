@@ -75,7 +75,7 @@ def _grid_anchors_op(cells: Tensor, num_cells: List[int], grid: List[int], strid
     if b == "triton":
         return _triton().triton_grid_anchors(cells, num_cells, grid, strides, offset, num_images, dtype)
     levels, start = [], 0
-    for l, a in enumerate(num_cells):
+    for a in num_cells:
         levels.append(cells[start:start + a])
         start += a
     one = reference.grid_anchors(list(zip(grid[0::2], grid[1::2])), list(zip(strides[0::2], strides[1::2])),

@@ -112,6 +112,8 @@ def filter_boxes(boxes: Tensor, scores: Tensor, score_threshold: float, min_size
 
     Args:
         boxes: Tensor[N, 4] of (x1, y1, x2, y2); scores: Tensor[N].
+        score_threshold, min_size: rounded to the boxes' dtype and compared there (scores are cast to it), as
+            torch compares a tensor with a Python number.
     """
     check_boxes("boxes", boxes)
     check_tensor("scores", scores, floating=True, dim=1)
