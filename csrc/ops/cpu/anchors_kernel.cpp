@@ -1,0 +1,68 @@
+// CPU kernel of grid_anchors: every level of the anchor grid in one pass (math: ops/common/anchors.h).
+//
+// Work is split by grid row across all levels at once. A row is written for the first image and copied, still hot
+// in cache, to the other images: all images share the padded batch size, so their anchors are equal, but each
+// image keeps its own memory.
+#include <cstring>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "ops/common/anchors.h"
+
+namespace visionops {
+
+namespace {
+
+template <typename scalar_t>
+void grid_anchors_forward_kernel_impl(const at::opmath_type<scalar_t>* cells, const std::vector<AnchorLevel>& levels,
+                                      double offset, int64_t total, int64_t num_images, scalar_t* out) {
+  using T = at::opmath_type<scalar_t>;
+  std::vector<int64_t> row_start{0};  // global row index -> level, by prefix sums of grid heights
+  for (const auto& lv : levels) row_start.push_back(row_start.back() + lv.height);
+  const int64_t rows = row_start.back();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    size_t l = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      while (r >= row_start[l + 1]) ++l;
+      const AnchorLevel& lv = levels[l];
+      const int64_t y = r - row_start[l], A = lv.num_cells;
+      const T* c = cells + 4 * lv.cell_start;
+      const T sy = anchor_shift<T>(y, offset, lv.stride_h);
+      scalar_t* row = out + 4 * (lv.start + y * lv.width * A);
+      for (int64_t x = 0; x < lv.width; ++x) {
+        const T sx = anchor_shift<T>(x, offset, lv.stride_w);
+        for (int64_t a = 0; a < A; ++a) write_anchor(sx, sy, c + 4 * a, row + 4 * (x * A + a));
+      }
+      const size_t bytes = sizeof(scalar_t) * 4 * lv.width * A;
+      for (int64_t i = 1; i < num_images; ++i) std::memcpy(row + 4 * total * i, row, bytes);
+    }
+  });
+}
+
+at::Tensor grid_anchors_forward_kernel(const at::Tensor& cell_anchors, at::IntArrayRef num_cells,
+                                       at::IntArrayRef grid_sizes, at::ArrayRef<double> strides, double offset,
+                                       int64_t num_images, at::ScalarType dtype) {
+  std::vector<AnchorLevel> levels;
+  const int64_t total = plan_anchor_levels(cell_anchors, num_cells, grid_sizes, strides, num_images, dtype, levels);
+  at::Tensor out = at::empty({num_images, total, 4}, cell_anchors.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  const at::Tensor cells = cell_anchors.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grid_anchors_cpu", [&] {
+    grid_anchors_forward_kernel_impl<scalar_t>(cells.data_ptr<at::opmath_type<scalar_t>>(), levels, offset, total,
+                                               num_images, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace visionops
+
+TORCH_LIBRARY_IMPL(visionops, CPU, m) {
+  m.impl("grid_anchors", &visionops::grid_anchors_forward_kernel);
+}

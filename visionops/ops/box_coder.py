@@ -1,0 +1,209 @@
+"""Box coding: BoxCoder, decode_boxes (fused decode + clip, differentiable), encode_boxes, filter_boxes.
+
+Same results as torchvision's detection ``BoxCoder``. Kernels: csrc/ops/{cpu,cuda}/box_coder_kernel.*,
+visionops/triton/box_coder.py; math: visionops/reference/box_coder.py.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from visionops import reference
+from visionops._backend import resolve
+from visionops.ops._checks import check_boxes, check_number, check_same_device, check_same_length, check_tensor
+
+_ops = torch.ops.visionops
+DEFAULT_CLIP = math.log(1000.0 / 16)
+
+
+def _triton():
+    import visionops.triton.box_coder as triton_box_coder  # imported on first use: needs the triton package
+
+    return triton_box_coder
+
+
+def _check_weights(weights) -> List[float]:
+    if isinstance(weights, Tensor):
+        weights = weights.tolist()
+    if not isinstance(weights, (list, tuple)) or len(weights) != 4:
+        raise ValueError(f"weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}")
+    out = [check_number("weights", w) for w in weights]
+    if any(w == 0 for w in out):
+        raise ValueError(f"weights must be non-zero, got {weights!r}")
+    return out
+
+
+def _check_image_size(image_size) -> List[float]:
+    if image_size is None:
+        return []
+    if isinstance(image_size, Tensor):
+        image_size = image_size.tolist()
+    if not isinstance(image_size, (list, tuple)) or len(image_size) != 2:
+        raise ValueError(f"image_size must be None or (H, W), got {image_size!r}")
+    hw = [check_number("image_size", v) for v in image_size]
+    if any(not (v >= 0) for v in hw):
+        raise ValueError(f"image_size must be non-negative, got {image_size!r}")
+    return hw
+
+
+def decode_boxes(deltas: Tensor, anchors: Tensor, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+                 bbox_xform_clip: float = DEFAULT_CLIP, image_size: Optional[Tuple[int, int]] = None, *,
+                 backend: str = "auto") -> Tensor:
+    """Decode box deltas against anchors in one pass, and clip to the image if ``image_size`` is given.
+
+    Equal to torchvision's ``BoxCoder(weights, bbox_xform_clip).decode_single(deltas, anchors)``, followed by
+    ``clip_boxes_to_image(boxes, image_size)`` when ``image_size=(H, W)``.
+
+    Args:
+        deltas: Tensor[N, 4*K] of (dx, dy, dw, dh) per class, floating point.
+        anchors: Tensor[N, 4] of (x1, y1, x2, y2); cast to the dtype of ``deltas`` (as torchvision).
+        weights: (wx, wy, ww, wh) dividing the deltas.
+        bbox_xform_clip: dw and dh are clamped to at most this before ``exp``.
+        image_size: None, or (H, W) to clamp x to [0, W] and y to [0, H].
+
+    Returns:
+        Tensor[N, 4*K] of (x1, y1, x2, y2) per class. Differentiable w.r.t. deltas and anchors; gradients pass the
+        clamps as torch.clamp's do. float16/bfloat16 are computed in float32.
+    """
+    check_tensor("deltas", deltas, floating=True, dim=2)
+    if deltas.shape[1] % 4 != 0:
+        raise ValueError(f"deltas must have shape [N, 4*K], got {list(deltas.shape)}")
+    check_tensor("anchors", anchors, floating=True, dim=2, last=4)
+    check_same_length(("deltas", "anchors"), (deltas, anchors))
+    check_same_device(("deltas", "anchors"), (deltas, anchors))
+    w = _check_weights(weights)
+    clip = check_number("bbox_xform_clip", bbox_xform_clip)
+    size = _check_image_size(image_size)
+    anchors = anchors.to(deltas.dtype)
+    b = resolve("decode_boxes", backend, deltas.device)
+    if b == "cpp":
+        return _ops.decode_boxes(deltas, anchors, w, clip, size)
+    if b == "triton":
+        return _triton().triton_decode_boxes(deltas, anchors, w, clip, size)
+    return reference.decode_boxes(deltas, anchors, w, clip, tuple(size) if size else None)
+
+
+def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), *,
+                 backend: str = "auto") -> Tensor:
+    """Regression targets of ``reference_boxes`` (ground truth) w.r.t. ``proposals``, as torchvision's
+    ``encode_boxes``: Tensor[N, 4], Tensor[N, 4] -> Tensor[N, 4] of (dx, dy, dw, dh), in the reference boxes' dtype.
+
+    Targets are labels: this op has no gradient (as in training, where torchvision's targets are constants).
+    """
+    check_boxes("reference_boxes", reference_boxes)
+    check_boxes("proposals", proposals)
+    check_same_length(("reference_boxes", "proposals"), (reference_boxes, proposals))
+    check_same_device(("reference_boxes", "proposals"), (reference_boxes, proposals))
+    w = _check_weights(weights)
+    proposals = proposals.to(reference_boxes.dtype)
+    b = resolve("encode_boxes", backend, reference_boxes.device)
+    if b == "cpp":
+        return _ops.encode_boxes(reference_boxes, proposals, w)
+    if b == "triton":
+        return _triton().triton_encode_boxes(reference_boxes, proposals, w)
+    return reference.encode_boxes(reference_boxes, proposals, w)
+
+
+def filter_boxes(boxes: Tensor, scores: Tensor, score_threshold: float, min_size: float, *,
+                 backend: str = "auto") -> Tensor:
+    """Indices (Tensor[K] int64, increasing) of the boxes with ``score >= score_threshold`` and both sides
+    ``>= min_size``: torchvision RPN's ``remove_small_boxes`` + score filter in one pass.
+
+    Args:
+        boxes: Tensor[N, 4] of (x1, y1, x2, y2); scores: Tensor[N].
+        score_threshold, min_size: rounded to the boxes' dtype and compared there (scores are cast to it), as
+            torch compares a tensor with a Python number.
+    """
+    check_boxes("boxes", boxes)
+    check_tensor("scores", scores, floating=True, dim=1)
+    check_same_length(("boxes", "scores"), (boxes, scores))
+    check_same_device(("boxes", "scores"), (boxes, scores))
+    thr = check_number("score_threshold", score_threshold)
+    min_size = check_number("min_size", min_size)
+    b = resolve("filter_boxes", backend, boxes.device)
+    if b == "cpp":
+        return _ops.filter_boxes(boxes, scores, thr, min_size)
+    if b == "triton":
+        return _triton().triton_filter_boxes(boxes, scores, thr, min_size)
+    return reference.filter_boxes(boxes, scores, thr, min_size)
+
+
+class BoxCoder:
+    """Drop-in for ``torchvision.models.detection._utils.BoxCoder``: same methods, same results, one kernel each."""
+
+    def __init__(self, weights: Tuple[float, float, float, float], bbox_xform_clip: float = DEFAULT_CLIP, *,
+                 backend: str = "auto") -> None:
+        _check_weights(weights)
+        check_number("bbox_xform_clip", bbox_xform_clip)
+        self.weights = weights
+        self.bbox_xform_clip = bbox_xform_clip
+        self.backend = backend
+
+    def encode(self, reference_boxes: List[Tensor], proposals: List[Tensor]) -> Tuple[Tensor, ...]:
+        per_image = [len(b) for b in reference_boxes]
+        targets = self.encode_single(torch.cat(reference_boxes, dim=0), torch.cat(proposals, dim=0))
+        return targets.split(per_image, 0)
+
+    def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        return encode_boxes(reference_boxes, proposals, self.weights, backend=self.backend)
+
+    def decode(self, rel_codes: Tensor, boxes: List[Tensor]) -> Tensor:
+        if not isinstance(boxes, (list, tuple)):
+            raise TypeError("boxes must be a list or tuple of tensors")
+        if not isinstance(rel_codes, Tensor):
+            raise TypeError("rel_codes must be a torch.Tensor")
+        box_sum = sum(int(b.size(0)) for b in boxes)
+        if box_sum > 0:
+            rel_codes = rel_codes.reshape(box_sum, -1)
+        pred = self.decode_single(rel_codes, torch.cat(boxes, dim=0))
+        return pred.reshape(box_sum, -1, 4) if box_sum > 0 else pred
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        return decode_boxes(rel_codes, boxes, self.weights, self.bbox_xform_clip, backend=self.backend)
+
+
+# ---- registrations: fake kernels, autograd --------------------------------------------------------------------
+
+
+@torch.library.register_fake("visionops::decode_boxes")
+def _(deltas, anchors, weights, bbox_xform_clip, image_size):
+    return torch.empty_like(deltas, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("visionops::_decode_boxes_backward")
+def _(grad, deltas, anchors, weights, bbox_xform_clip, image_size):
+    return (torch.empty_like(deltas, memory_format=torch.contiguous_format),
+            torch.empty_like(anchors, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("visionops::encode_boxes")
+def _(reference_boxes, proposals, weights):
+    return torch.empty_like(reference_boxes, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("visionops::filter_boxes")
+def _(boxes, scores, score_threshold, min_size):
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
+
+
+def _decode_setup_context(ctx, inputs, output):
+    deltas, anchors, weights, clip, image_size = inputs
+    ctx.save_for_backward(deltas, anchors)
+    ctx.args = (weights, clip, image_size)
+
+
+def _decode_backward(ctx, grad):
+    deltas, anchors = ctx.saved_tensors
+    gd, ga = _ops._decode_boxes_backward(grad, deltas, anchors, *ctx.args)
+    return gd, ga, None, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("visionops: double backward of decode_boxes is not supported")
+
+
+torch.library.register_autograd("visionops::decode_boxes", _decode_backward, setup_context=_decode_setup_context)
+torch.library.register_autograd(
+    "visionops::_decode_boxes_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
