@@ -63,10 +63,17 @@ def _extension():
         ("Py_LIMITED_API", "0x03090000"),
     ]
     cxx = ["-O3", "-fdiagnostics-color=always"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an OpenMP region compiled into *our* code (ATen/ParallelOpenMP.h): without -fopenmp it
+        # runs serially. libgomp.so.1 resolves to the copy torch already loaded, so set_num_threads still applies.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if _env_flag("VISIONOPS_NATIVE"):  # opt-in: tune for the build machine (not portable)
         cxx.append("-march=native")
     extra = {"cxx": cxx}
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros, py_limited_api=True)
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros, py_limited_api=True,
+                  extra_link_args=link)
     if with_cuda:
         define_macros.append(("VISIONOPS_WITH_CUDA", None))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
