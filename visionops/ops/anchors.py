@@ -178,22 +178,32 @@ class AnchorGenerator(nn.Module):
         return list(out.to(device).split(counts))
 
     def forward(self, image_list, feature_maps: List[Tensor]) -> List[Tensor]:
-        if len(feature_maps) != len(self.cell_anchors):
-            raise ValueError(f"got {len(feature_maps)} feature maps but the generator has {len(self.cell_anchors)} "
-                             f"levels (sizes / aspect_ratios need one entry per feature map)")
-        image_h, image_w = (int(v) for v in image_list.tensors.shape[-2:])
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
-        grid, strides = [], []
-        for f in feature_maps:
-            gh, gw = int(f.shape[-2]), int(f.shape[-1])
-            grid += [gh, gw]
-            # torchvision's integer stride; an empty level has no anchors, whatever its stride.
-            strides += [float(image_h // gh) if gh else 0.0, float(image_w // gw) if gw else 0.0]
-        num_cells = [int(c.shape[0]) for c in self.cell_anchors]
-        num_images = len(image_list.image_sizes)
-        out = _grid_anchors_op(self._cells(dtype, device), num_cells, grid, strides, 0.0, num_images, dtype,
-                               self.backend)
-        return list(out.unbind(0))
+        cells = self._cells(feature_maps[0].dtype, feature_maps[0].device) if feature_maps else None
+        return anchors_for_images(self.cell_anchors, image_list, feature_maps, backend=self.backend, cells=cells)
+
+
+def anchors_for_images(cell_anchors_per_level: List[Tensor], image_list, feature_maps: List[Tensor], *,
+                       backend: str = "auto", cells: Optional[Tensor] = None) -> List[Tensor]:
+    """AnchorGenerator.forward as a function of the per-level cell anchors (also used to route torchvision's
+    AnchorGenerator through visionops, see visionops.patch_torchvision). ``cells``: the concatenated cell anchors
+    already in the feature maps' dtype/device, if the caller caches them."""
+    if len(feature_maps) != len(cell_anchors_per_level):
+        raise ValueError(f"got {len(feature_maps)} feature maps but the generator has {len(cell_anchors_per_level)} "
+                         f"levels (sizes / aspect_ratios need one entry per feature map)")
+    image_h, image_w = (int(v) for v in image_list.tensors.shape[-2:])
+    dtype, device = feature_maps[0].dtype, feature_maps[0].device
+    grid, strides = [], []
+    for f in feature_maps:
+        gh, gw = int(f.shape[-2]), int(f.shape[-1])
+        grid += [gh, gw]
+        # torchvision's integer stride; an empty level has no anchors, whatever its stride.
+        strides += [float(image_h // gh) if gh else 0.0, float(image_w // gw) if gw else 0.0]
+    num_cells = [int(c.shape[0]) for c in cell_anchors_per_level]
+    if cells is None:
+        cells = torch.cat([c.to(dtype=_opmath(dtype)) for c in cell_anchors_per_level]).to(device)
+    num_images = len(image_list.image_sizes)
+    out = _grid_anchors_op(cells, num_cells, grid, strides, 0.0, num_images, dtype, backend)
+    return list(out.unbind(0))
 
 
 class DefaultBoxGenerator(nn.Module):
