@@ -8,3 +8,6 @@ from visionops._extension import build_info  # loads _C: registers the C++/CUDA 
 from visionops.ops import batched_nms, box_iou, nms
 
 __all__ = ["__version__", "build_info", "nms", "batched_nms", "box_iou"]
+from visionops.ops import RoIAlign, RoIPool, roi_align, roi_pool  # noqa: E402
+
+__all__ += ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]

@@ -100,8 +100,8 @@ def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: 
         v = tap(ylo, xlo, hy, hx) + tap(ylo, xhi, hy, lx) + tap(yhi, xlo, ly, hx) + tap(yhi, xhi, ly, lx)
         v = v.reshape(C, pooled_height, gh, pooled_width, gw).sum((2, 4)) / count
         outs.append(v)
-    if not outs:
-        return input.new_empty(0, C, pooled_height, pooled_width)
+    if not outs:  # still part of the graph, so an empty result can be backpropagated
+        return (x.new_zeros(0, C, pooled_height, pooled_width) + 0 * x.sum()).to(input.dtype)
     return torch.stack(outs).to(input.dtype)
 
 
@@ -144,6 +144,6 @@ def roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: i
         val = torch.where(best > -_FLT_MAX, val, floor)
         empty = ~mask.any(-1)
         outs.append(torch.where(empty, torch.zeros_like(val), val))
-    if not outs:
-        return input.new_empty(0, C, pooled_height, pooled_width)
+    if not outs:  # still part of the graph, so an empty result can be backpropagated
+        return (x.new_zeros(0, C, pooled_height, pooled_width) + 0 * x.sum()).to(input.dtype)
     return torch.stack(outs).to(input.dtype)
