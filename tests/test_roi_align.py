@@ -49,8 +49,8 @@ def configs(backend):
 def layout(x, how):
     if how == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
-    if how == "strided":
-        return torch.cat([x, x], 3)[..., ::2]
+    if how == "strided":  # same values, every stride doubled
+        return torch.stack([x, x], -1)[..., 0]
     return x
 
 

@@ -52,7 +52,7 @@ def check_rois(input: Tensor, boxes: BoxesType, op: str = "roi") -> Tensor:
             if b.dim() != 2 or b.shape[1] != 4:
                 raise ValueError(f"{op}: boxes[{i}] must have shape [L, 4], got {list(b.shape)}")
             if b.device != input.device:
-                raise ValueError(f"{op}: boxes[{i}] is on {b.device} but input is on {input.device}")
+                raise ValueError(f"{op}: boxes[{i}] is on {b.device} but input is on {input.device}; they must be on the same device")
         if len(boxes) == 0:
             return input.new_zeros(0, 5)
         return convert_boxes_to_roi_format(boxes)

@@ -120,7 +120,11 @@ def roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: i
             continue
         lim = float(1 << 40)
         # C's round(): halves away from zero (torch.round rounds them to even)
-        x1, y1, x2, y2 = (int(min(max(math.copysign(math.floor(abs(float(v)) + 0.5), float(v)), -lim), lim)) for v in c)
+        def cround(v):
+            a = abs(float(v))
+            return int(math.copysign(min(math.floor(a + 0.5), lim) if a < lim else lim, float(v)))
+
+        x1, y1, x2, y2 = (cround(v) for v in c)
         bh = torch.tensor(max(y2 - y1 + 1, 1), dtype=x.dtype) / pooled_height
         bw = torch.tensor(max(x2 - x1 + 1, 1), dtype=x.dtype) / pooled_width
 
