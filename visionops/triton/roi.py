@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 BLOCK_C = 64  # channels per program
-MAX_GRID = 65536  # adaptive sampling grid cap per axis (csrc/ops/common/roi_align.h)
+MAX_GRID = tl.constexpr(65536)  # adaptive sampling grid cap per axis (csrc/ops/common/roi_align.h)
 
 
 @triton.jit
