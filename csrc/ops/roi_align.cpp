@@ -10,4 +10,13 @@ TORCH_LIBRARY_FRAGMENT(visionops, m) {
       "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
       "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
       "bool aligned) -> Tensor");
+  // MultiScaleRoIAlign in one kernel: RoI k is pooled from features[levels[k]] at scales[levels[k]]. The backward
+  // gets the levels' sizes flattened, 4 per level.
+  m.def(
+      "multi_scale_roi_align(Tensor[] features, Tensor rois, Tensor levels, float[] scales, SymInt pooled_height, "
+      "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_multi_scale_roi_align_backward(Tensor grad, Tensor rois, Tensor levels, float[] scales, "
+      "SymInt pooled_height, SymInt pooled_width, SymInt[] feature_shapes, int sampling_ratio, bool aligned) "
+      "-> Tensor[]");
 }

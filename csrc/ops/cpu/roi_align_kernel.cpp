@@ -82,26 +82,27 @@ void roi_align_taps(const T* roi, T scale, int64_t H, int64_t W, int64_t PH, int
   }
 }
 
-template <typename T>
-void check_batch_index(int64_t batch, int64_t B, int64_t k) {
-  TORCH_CHECK_INDEX(batch >= 0 && batch < B, "roi_align: rois[", k, ", 0] (batch index) must be in [0, ", B,
-                    "), got ", batch);
-}
+// One feature level: channels-last data (forward) or NCHW gradient (backward), its size and its spatial scale.
+// The single-level op is the one-level case of the multi-level op (MultiScaleRoIAlign), whose RoIs each name a level.
+template <typename scalar_t>
+struct Level {
+  scalar_t* data;
+  int64_t B, H, W;
+  double scale;
+};
 
 template <typename scalar_t>
-void roi_align_forward_kernel_impl(const at::Tensor& x_cl, const at::Tensor& rois, double spatial_scale, int64_t PH,
-                                   int64_t PW, int64_t sampling_ratio, bool aligned, at::Tensor& out) {
+void roi_align_forward_kernel_impl(const std::vector<Level<scalar_t>>& levels, const int64_t* lvl,
+                                   const at::opmath_type<scalar_t>* r, int64_t K, int64_t C, int64_t PH, int64_t PW,
+                                   int64_t sampling_ratio, bool aligned, scalar_t* o) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t K = rois.size(0), C = x_cl.size(1), H = x_cl.size(2), W = x_cl.size(3);
-  const scalar_t* x = x_cl.data_ptr<scalar_t>();
-  const T* r = rois.data_ptr<T>();
-  scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t bins = PH * PW;
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     RoITaps<T> t;
     for (int64_t k = k0; k < k1; ++k) {
-      roi_align_taps<T>(r + 5 * k, T(spatial_scale), H, W, PH, PW, int(sampling_ratio), aligned, t);
-      const scalar_t* xb = x + t.batch * H * W * C;
+      const Level<scalar_t>& L = levels[lvl ? lvl[k] : 0];
+      roi_align_taps<T>(r + 5 * k, T(L.scale), L.H, L.W, PH, PW, int(sampling_ratio), aligned, t);
+      const scalar_t* xb = L.data + t.batch * L.H * L.W * C;
       scalar_t* ok = o + k * C * bins;
       for (int64_t bin = 0; bin < bins; ++bin) {
         const int64_t e0 = t.off[bin], e1 = t.off[bin + 1];
@@ -137,29 +138,38 @@ void roi_align_forward_kernel_impl(const at::Tensor& x_cl, const at::Tensor& roi
 }
 
 template <typename scalar_t>
-void roi_align_backward_kernel_impl(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale, int64_t PH,
-                                    int64_t PW, int64_t sampling_ratio, bool aligned, at::Tensor& gin) {
+void roi_align_backward_kernel_impl(const scalar_t* g, const std::vector<Level<scalar_t>>& levels, const int64_t* lvl,
+                                    const at::opmath_type<scalar_t>* r, int64_t K, int64_t C, int64_t PH, int64_t PW,
+                                    int64_t sampling_ratio, bool aligned) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t K = rois.size(0), B = gin.size(0), C = gin.size(1), H = gin.size(2), W = gin.size(3);
-  const int64_t bins = PH * PW, HW = H * W;
-  const T* r = rois.data_ptr<T>();
+  const int64_t bins = PH * PW;
   std::vector<RoITaps<T>> taps(K);
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k)
-      roi_align_taps<T>(r + 5 * k, T(spatial_scale), H, W, PH, PW, int(sampling_ratio), aligned, taps[k]);
+    for (int64_t k = k0; k < k1; ++k) {
+      const Level<scalar_t>& L = levels[lvl ? lvl[k] : 0];
+      roi_align_taps<T>(r + 5 * k, T(L.scale), L.H, L.W, PH, PW, int(sampling_ratio), aligned, taps[k]);
+    }
   });
-  std::vector<std::vector<int64_t>> by_image(B);  // RoIs of each image, in index order
-  for (int64_t k = 0; k < K; ++k) by_image[taps[k].batch].push_back(k);
-  const scalar_t* g = grad.data_ptr<scalar_t>();
-  scalar_t* gi = gin.data_ptr<scalar_t>();
+  // RoIs of each (level, image), in index order; one task per (level, image, block of channels).
+  std::vector<std::pair<int64_t, int64_t>> images;
+  std::vector<std::vector<int64_t>> members;
+  std::vector<int64_t> first(levels.size() + 1, 0);
+  for (size_t l = 0; l < levels.size(); ++l) {
+    first[l + 1] = first[l] + levels[l].B;
+    for (int64_t b = 0; b < levels[l].B; ++b) images.emplace_back(l, b);
+  }
+  members.resize(images.size());
+  for (int64_t k = 0; k < K; ++k) members[first[lvl ? lvl[k] : 0] + taps[k].batch].push_back(k);
   const int64_t nblk = (C + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, B * nblk, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, static_cast<int64_t>(images.size()) * nblk, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> acc, gt(bins * kChannelBlock);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / nblk, c0 = (task % nblk) * kChannelBlock;
+      const auto [l, b] = images[task / nblk];
+      const Level<scalar_t>& L = levels[l];
+      const int64_t HW = L.H * L.W, c0 = (task % nblk) * kChannelBlock;
       const int64_t cw = std::min(kChannelBlock, C - c0);
       acc.assign(HW * cw, T(0));
-      for (const int64_t k : by_image[b]) {
+      for (const int64_t k : members[task / nblk]) {
         const RoITaps<T>& t = taps[k];
         const scalar_t* gk = g + (k * C + c0) * bins;
         for (int64_t c = 0; c < cw; ++c)  // this block's grad, bins-major, so the update below is contiguous
@@ -173,65 +183,141 @@ void roi_align_backward_kernel_impl(const at::Tensor& grad, const at::Tensor& ro
           }
         }
       }
-      scalar_t* out = gi + (b * C + c0) * HW;
+      scalar_t* out = L.data + (b * C + c0) * HW;
       for (int64_t c = 0; c < cw; ++c)
         for (int64_t p = 0; p < HW; ++p) out[c * HW + p] = static_cast<scalar_t>(acc[p * cw + c]);
     }
   });
 }
 
-void check_rois(const at::Tensor& input, const at::Tensor& rois, const char* op) {
-  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must have shape [N, C, H, W], got ", input.sizes());
-  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK_VALUE(rois.is_floating_point(), op, ": rois must be a floating-point tensor, got ", rois.scalar_type());
+template <typename T>
+void check_indices(const T* r, const int64_t* lvl, int64_t K, const std::vector<int64_t>& batch_sizes, const char* op) {
+  const int64_t L = static_cast<int64_t>(batch_sizes.size());
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t l = lvl ? lvl[k] : 0;
+    TORCH_CHECK_INDEX(l >= 0 && l < L, op, ": levels[", k, "] must be in [0, ", L, "), got ", l);
+    const int64_t b = roi_align_geom<T>(r + 5 * k, T(1), 1, 1, 1, false).batch;
+    TORCH_CHECK_INDEX(b >= 0 && b < batch_sizes[l], op, ": rois[", k, ", 0] (batch index) must be in [0, ",
+                      batch_sizes[l], "), got ", b);
+  }
 }
 
-at::Tensor roi_align_forward_kernel(const at::Tensor& input, const at::Tensor& rois_in, double spatial_scale,
-                                   int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
-                                   bool aligned) {
-  check_rois(input, rois_in, "roi_align");
-  TORCH_CHECK_VALUE(pooled_height > 0 && pooled_width > 0, "roi_align: output_size must be positive, got (",
-                    pooled_height, ", ", pooled_width, ")");
-  const int64_t K = rois_in.size(0), B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  at::Tensor out = at::empty({K, C, pooled_height, pooled_width}, input.options());
+void check_common(const at::Tensor& rois, const at::Tensor* levels, int64_t PH, int64_t PW, const char* op) {
+  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must have shape [K, 5], got ", rois.sizes());
+  TORCH_CHECK_VALUE(rois.is_floating_point(), op, ": rois must be a floating-point tensor, got ", rois.scalar_type());
+  TORCH_CHECK_VALUE(PH > 0 && PW > 0, op, ": output_size must be positive, got (", PH, ", ", PW, ")");
+  if (levels)
+    TORCH_CHECK_VALUE(levels->dim() == 1 && levels->size(0) == rois.size(0) && levels->scalar_type() == at::kLong,
+                      op, ": levels must be an int64 tensor of shape [K]");
+}
+
+at::Tensor forward(at::TensorList features, const at::Tensor& rois_in, const at::Tensor* levels_in,
+                   at::ArrayRef<double> scales, int64_t PH, int64_t PW, int64_t sampling_ratio, bool aligned,
+                   const char* op) {
+  check_common(rois_in, levels_in, PH, PW, op);
+  TORCH_CHECK_VALUE(!features.empty() && scales.size() == features.size(), op,
+                    ": need one spatial scale per feature level");
+  const at::Tensor& f0 = features[0];
+  for (const at::Tensor& f : features) {
+    TORCH_CHECK_VALUE(f.dim() == 4, op, ": input must have shape [N, C, H, W], got ", f.sizes());
+    TORCH_CHECK_VALUE(f.size(1) == f0.size(1) && f.scalar_type() == f0.scalar_type(), op,
+                      ": all feature levels must have the same channels and dtype");
+  }
+  const int64_t K = rois_in.size(0), C = f0.size(1);
+  at::Tensor out = at::empty({K, C, PH, PW}, f0.options());
   if (K == 0) return out;
-  TORCH_CHECK_VALUE(H > 0 && W > 0, "roi_align: input must have a non-empty feature map, got ", input.sizes());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_forward_cpu", [&] {
+  for (const at::Tensor& f : features)
+    TORCH_CHECK_VALUE(f.size(2) > 0 && f.size(3) > 0, op, ": input must have a non-empty feature map, got ", f.sizes());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
-    const T* r = rois.data_ptr<T>();
-    for (int64_t k = 0; k < K; ++k)
-      check_batch_index<T>(roi_align_geom<T>(r + 5 * k, T(1), 1, 1, 1, false).batch, B, k);
+    const at::Tensor levels = levels_in ? levels_in->contiguous() : at::Tensor();
+    const int64_t* lvl = levels_in ? levels.data_ptr<int64_t>() : nullptr;
+    std::vector<int64_t> batch_sizes;
+    for (const at::Tensor& f : features) batch_sizes.push_back(f.size(0));
+    check_indices(rois.data_ptr<T>(), lvl, K, batch_sizes, op);
     if (C == 0) return;
-    // Channels-last view: read in place when the input already is, transposed once otherwise.
-    const at::Tensor x_cl = input.contiguous(at::MemoryFormat::ChannelsLast);
-    roi_align_forward_kernel_impl<scalar_t>(x_cl, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
-                                            aligned, out);
+    // Channels-last views: read in place when the input already is, transposed once otherwise.
+    std::vector<at::Tensor> keep;
+    std::vector<Level<scalar_t>> lv;
+    for (size_t l = 0; l < features.size(); ++l) {
+      keep.push_back(features[l].contiguous(at::MemoryFormat::ChannelsLast));
+      lv.push_back({keep.back().data_ptr<scalar_t>(), keep.back().size(0), keep.back().size(2), keep.back().size(3),
+                    scales[l]});
+    }
+    roi_align_forward_kernel_impl<scalar_t>(lv, lvl, rois.data_ptr<T>(), K, C, PH, PW, sampling_ratio, aligned,
+                                            out.data_ptr<scalar_t>());
   });
   return out;
 }
 
-at::Tensor roi_align_backward_kernel(const at::Tensor& grad_in, const at::Tensor& rois_in, double spatial_scale,
-                                    int64_t pooled_height, int64_t pooled_width, int64_t batch_size,
-                                    int64_t channels, int64_t height, int64_t width, int64_t sampling_ratio,
-                                    bool aligned) {
-  TORCH_CHECK_VALUE(rois_in.dim() == 2 && rois_in.size(1) == 5, "_roi_align_backward: rois must have shape [K, 5]");
-  const int64_t K = rois_in.size(0);
-  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == K && grad_in.size(1) == channels &&
-                        grad_in.size(2) == pooled_height && grad_in.size(3) == pooled_width,
-                    "_roi_align_backward: grad must have shape [K, C, PH, PW], got ", grad_in.sizes());
-  at::Tensor gin = at::zeros({batch_size, channels, height, width}, grad_in.options());
-  if (K == 0 || gin.numel() == 0) return gin;
+std::vector<at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& rois_in, const at::Tensor* levels_in,
+                                 at::ArrayRef<double> scales, int64_t PH, int64_t PW, at::IntArrayRef shapes,
+                                 int64_t sampling_ratio, bool aligned, const char* op) {
+  check_common(rois_in, levels_in, PH, PW, op);
+  const int64_t K = rois_in.size(0), L = static_cast<int64_t>(shapes.size() / 4);
+  TORCH_CHECK_VALUE(shapes.size() % 4 == 0 && L >= 1 && static_cast<int64_t>(scales.size()) == L, op,
+                    ": need 4 sizes and one spatial scale per feature level");
+  const int64_t C = shapes[1];
+  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == K && grad_in.size(1) == C && grad_in.size(2) == PH &&
+                        grad_in.size(3) == PW,
+                    op, ": grad must have shape [K, C, PH, PW], got ", grad_in.sizes());
+  std::vector<at::Tensor> gins;
+  for (int64_t l = 0; l < L; ++l) gins.push_back(at::zeros(shapes.slice(4 * l, 4), grad_in.options()));
+  if (K == 0 || C == 0) return gins;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_in.scalar_type(), "roi_align_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
-    const T* r = rois.data_ptr<T>();
-    for (int64_t k = 0; k < K; ++k)
-      check_batch_index<T>(roi_align_geom<T>(r + 5 * k, T(1), 1, 1, 1, false).batch, batch_size, k);
-    roi_align_backward_kernel_impl<scalar_t>(grad_in.contiguous(), rois, spatial_scale, pooled_height, pooled_width,
-                                             sampling_ratio, aligned, gin);
+    const at::Tensor levels = levels_in ? levels_in->contiguous() : at::Tensor();
+    const int64_t* lvl = levels_in ? levels.data_ptr<int64_t>() : nullptr;
+    std::vector<int64_t> batch_sizes;
+    std::vector<Level<scalar_t>> lv;
+    for (int64_t l = 0; l < L; ++l) {
+      batch_sizes.push_back(shapes[4 * l]);
+      TORCH_CHECK_VALUE(shapes[4 * l + 1] == C, op, ": all feature levels must have the same channels");
+      lv.push_back({gins[l].data_ptr<scalar_t>(), shapes[4 * l], shapes[4 * l + 2], shapes[4 * l + 3], scales[l]});
+    }
+    check_indices(rois.data_ptr<T>(), lvl, K, batch_sizes, op);
+    for (const auto& v : lv)
+      if (v.H == 0 || v.W == 0) return;  // nothing to scatter into (and no valid RoI)
+    const at::Tensor grad = grad_in.contiguous();
+    roi_align_backward_kernel_impl<scalar_t>(grad.data_ptr<scalar_t>(), lv, lvl, rois.data_ptr<T>(), K, C, PH, PW,
+                                             sampling_ratio, aligned);
   });
-  return gin;
+  return gins;
+}
+
+at::Tensor roi_align_forward_kernel(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+                                   int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
+                                   bool aligned) {
+  return forward({input}, rois, nullptr, {spatial_scale}, pooled_height, pooled_width, sampling_ratio, aligned,
+                 "roi_align");
+}
+
+at::Tensor roi_align_backward_kernel(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
+                                    int64_t pooled_height, int64_t pooled_width, int64_t batch_size,
+                                    int64_t channels, int64_t height, int64_t width, int64_t sampling_ratio,
+                                    bool aligned) {
+  const std::vector<int64_t> shape{batch_size, channels, height, width};
+  return backward(grad, rois, nullptr, {spatial_scale}, pooled_height, pooled_width, shape, sampling_ratio, aligned,
+                  "_roi_align_backward")[0];
+}
+
+at::Tensor multi_scale_roi_align_forward_kernel(at::TensorList features, const at::Tensor& rois,
+                                               const at::Tensor& levels, at::ArrayRef<double> scales,
+                                               int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
+                                               bool aligned) {
+  return forward(features, rois, &levels, scales, pooled_height, pooled_width, sampling_ratio, aligned,
+                 "multi_scale_roi_align");
+}
+
+std::vector<at::Tensor> multi_scale_roi_align_backward_kernel(const at::Tensor& grad, const at::Tensor& rois,
+                                                              const at::Tensor& levels, at::ArrayRef<double> scales,
+                                                              int64_t pooled_height, int64_t pooled_width,
+                                                              at::IntArrayRef shapes, int64_t sampling_ratio,
+                                                              bool aligned) {
+  return backward(grad, rois, &levels, scales, pooled_height, pooled_width, shapes, sampling_ratio, aligned,
+                  "_multi_scale_roi_align_backward");
 }
 
 }  // namespace
@@ -239,6 +325,8 @@ at::Tensor roi_align_backward_kernel(const at::Tensor& grad_in, const at::Tensor
 TORCH_LIBRARY_IMPL(visionops, CPU, m) {
   m.impl("roi_align", TORCH_FN(roi_align_forward_kernel));
   m.impl("_roi_align_backward", TORCH_FN(roi_align_backward_kernel));
+  m.impl("multi_scale_roi_align", TORCH_FN(multi_scale_roi_align_forward_kernel));
+  m.impl("_multi_scale_roi_align_backward", TORCH_FN(multi_scale_roi_align_backward_kernel));
 }
 
 }  // namespace visionops
