@@ -11,3 +11,6 @@ __all__ = ["__version__", "build_info", "nms", "batched_nms", "box_iou"]
 from visionops.ops import RoIAlign, RoIPool, roi_align, roi_pool  # noqa: E402
 
 __all__ += ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]
+from visionops.ops import MultiScaleRoIAlign  # noqa: E402
+
+__all__ += ["MultiScaleRoIAlign"]
