@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torchvision
-from helpers import DEVICES, FLOAT_DTYPES, backends_for, needs_cuda
+from helpers import DEVICES, FLOAT_DTYPES, backends_for, needs_cuda, triton_devices
 
 import visionops
 from visionops import reference
@@ -287,3 +287,17 @@ def test_cuda_invalid_batch_index_gives_zeros():
     assert not out[0].any()
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not triton_devices(), reason="needs triton")
+def test_opcheck_triton_ops():
+    import visionops.triton.roi  # noqa: F401  (registers the triton_* ops)
+
+    ops = torch.ops.visionops
+    device = triton_devices()[0]
+    x, rois = make_case(0, c=2, h=4, w=5, k=2, device=device)
+    go = torch.randn(2, 2, 2, 2, device=device)
+    torch.library.opcheck(ops.triton_roi_align.default, (x.clone().requires_grad_(True), rois, 0.5, 2, 2, 2, True))
+    torch.library.opcheck(ops.triton_roi_align_backward.default, (go, rois, 0.5, 2, 2, 2, 2, 4, 5, -1, False))
+    torch.library.opcheck(ops.triton_roi_pool.default, (x.clone().requires_grad_(True), rois, 0.5, 2, 2))
+    torch.library.opcheck(ops.triton_roi_pool_backward.default, (go, x, rois, 0.5, 2, 2))
