@@ -5,9 +5,10 @@
 // * each RoI's bilinear taps are computed once and merged per bin (neighbouring samples often share taps), then
 //   applied to all channels at once on a channels-last view of the features, so the inner loop is a contiguous
 //   multiply-add over C (a channels_last input is read in place; an NCHW one is transposed once);
-// * the forward runs in parallel over RoIs; the backward over (image, block of channels): every task owns a slice
-//   of grad_input and visits that image's RoIs in index order, so there is no race and the summation order of each
-//   element is fixed: the gradient is bit-identical at any thread count.
+// * the forward runs in parallel over RoIs; the backward over (level, image, block of channels): every task owns a
+//   slice of grad_input and visits that image's RoIs in index order, so there is no race and the summation order of
+//   each element is fixed: the gradient is bit-identical at any thread count;
+// * MultiScaleRoIAlign is the same kernel over several levels, each RoI reading the level it was assigned.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -26,7 +27,7 @@
 namespace visionops {
 namespace {
 
-constexpr int64_t kChannelBlock = 32;  // channels per backward task: its accumulator row stays in a cache line pair
+constexpr int64_t kChannelBlock = 32;  // channels per backward task: a cell's accumulators fill two cache lines
 
 // Merged bilinear taps of one RoI: bin b uses entries [off[b], off[b + 1]) of (pos, w); w already holds 1/count.
 template <typename T>
