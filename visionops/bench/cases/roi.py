@@ -72,6 +72,36 @@ def pool_case(backward=False, backend="auto", **shape):
     return make
 
 
+def multiscale_case(backward=False, c=256, k=1000):
+    """FPN levels of an 800x1088 batch of 2 (strides 4-32), k boxes spread over all levels."""
+
+    def make(device):
+        from collections import OrderedDict
+
+        import torchvision
+
+        g = torch.Generator().manual_seed(0)
+        x = OrderedDict((f"p{i}", torch.randn(2, c, 800 // s, 1088 // s, generator=g).to(device))
+                        for i, s in enumerate((4, 8, 16, 32)))
+        boxes = []
+        for _ in range(2):
+            xy = torch.rand(k // 2, 2, generator=g) * torch.tensor([1000.0, 700.0])
+            wh = torch.rand(k // 2, 2, generator=g) ** 2 * 500 + 8
+            boxes.append(torch.cat([xy, xy + wh], 1).to(device))
+        shapes = [(800, 1088)] * 2
+        names = list(x)
+        ours_m = visionops.MultiScaleRoIAlign(names, 7, 2)
+        base_m = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)
+        if not backward:
+            return (lambda: ours_m(x, boxes, shapes)), (lambda: base_m(x, boxes, shapes)), _close
+        feats = [v.requires_grad_(True) for v in x.values()]
+        go = torch.randn(k, c, 7, 7, generator=g).to(device)
+        return ((lambda: torch.autograd.grad(ours_m(x, boxes, shapes), feats, go)),
+                (lambda: torch.autograd.grad(base_m(x, boxes, shapes), feats, go)), _close_all)
+
+    return make
+
+
 CASES = [
     Case("roi_align", "fwd 2x256x50x68, 1024 RoIs", align_case(), quick=True, target=4.0, tags={"gpu_target": 1.5}),
     Case("roi_align", "bwd 2x256x50x68, 1024 RoIs", align_case(backward=True), target=10.0, tags={"gpu_target": 2.0}),
@@ -81,6 +111,8 @@ CASES = [
          baseline="visionops atomic", tags={"gpu_target": 1 / 1.5}),
     Case("roi_pool", "fwd 2x256x50x68, 1024 RoIs", pool_case(), quick=True, target=4.0, tags={"gpu_target": 1.5}),
     Case("roi_pool", "fwd+bwd 2x256x50x68, 1024 RoIs", pool_case(backward=True), target=4.0, tags={"gpu_target": 2.0}),
+    Case("multi_scale_roi_align", "fwd FPN 4 levels 2x256, 1000 boxes", multiscale_case(), quick=True),
+    Case("multi_scale_roi_align", "fwd+bwd FPN 4 levels 2x256, 1000 boxes", multiscale_case(True)),
     # Triton backend on the GPU (on the CPU it only runs interpreted, which is for testing, not timing).
     Case("roi_align", "fwd [triton]", align_case(backend="triton"), devices=("cuda",)),
     Case("roi_align", "bwd [triton]", align_case(True, backend="triton"), devices=("cuda",)),
