@@ -44,3 +44,21 @@ def check_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     return float(value)
+
+
+def check_pair(name: str, value) -> tuple:
+    """An int or a pair of ints, each > 0 (torchvision's output_size), as (h, w)."""
+    if isinstance(value, Tensor) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {type(value).__name__}")
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if pair[0] <= 0 or pair[1] <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
+
+
+def check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value

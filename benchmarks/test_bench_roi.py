@@ -1,0 +1,24 @@
+"""pytest-benchmark suite of the RoI family: the same cases as `python -m visionops.bench --filter roi`."""
+import pytest
+import torch
+
+from visionops.bench.cases.roi import CASES
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PARAMS = [(c, d) for c in CASES for d in DEVICES if d in c.devices]
+
+
+@pytest.mark.parametrize("case,device", PARAMS, ids=[f"{c.op}-{c.name}-{d}" for c, d in PARAMS])
+@pytest.mark.parametrize("side", ["visionops", "baseline"])
+def test_roi(benchmark, case, device, side):
+    ours, base, check = case.make(torch.device(device))
+    fn = ours if side == "visionops" else base
+    if device == "cuda":
+        run = fn
+
+        def fn():
+            out = run()
+            torch.cuda.synchronize()
+            return out
+
+    benchmark(fn)

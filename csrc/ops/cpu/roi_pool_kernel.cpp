@@ -1,0 +1,226 @@
+// CPU kernels of RoIPool (math: ops/common/roi_pool.h, visionops/reference/roi.py).
+//
+// Unlike torchvision, the forward keeps no argmax tensor: it would be an int64 tensor twice the size of the
+// output (100 MB for 1024 RoIs x 256 channels x 7 x 7), and writing it costs more than the pooling. The backward
+// takes the input instead and finds each bin's maximum again with the same rule (first strict maximum; NaN never
+// wins), which is cheap next to the scatter it saves a gather for.
+//
+// Both directions work on a channels-last view of the features (read in place when the input is channels_last),
+// so a bin's max/argmax is a contiguous compare-select over channels. The forward runs in parallel over RoIs; the
+// backward over (image, block of channels): each task owns a slice of grad_input and adds its RoIs' gradients in
+// index order, torchvision's serial order, so there is no race and the bits do not depend on the thread count.
+#include <algorithm>
+#include <cfloat>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "ops/common/roi_pool.h"
+
+namespace visionops {
+namespace {
+
+constexpr int64_t kChannelBlock = 32;
+
+template <typename T>
+void check_batch_index(const T* r, int64_t K, int64_t B, const char* op) {
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t b = roi_pool_geom<T>(r + 5 * k, T(1), 1, 1).batch;
+    TORCH_CHECK_INDEX(b >= 0 && b < B, op, ": rois[", k, ", 0] (batch index) must be in [0, ", B, "), got ", b);
+  }
+}
+
+// Max and argmax (cell index h * W + w, -1 when no cell beats the initial value) of one bin over channels
+// [0, n) of a channels-last image `xb` whose pixel stride is C. An empty bin gives (0, -1).
+template <typename scalar_t, typename T>
+void bin_max(const scalar_t* xb, int64_t C, int64_t W, int64_t h0, int64_t h1, int64_t w0, int64_t w1, int64_t n,
+             T* __restrict__ m, int32_t* __restrict__ a) {
+  const bool empty = h1 <= h0 || w1 <= w0;
+  const T init = empty ? T(0) : T(-FLT_MAX);
+  int64_t c0 = 0;
+#if defined(__GNUC__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // 8 channels' running max and argmax stay in vector registers across the bin's cells.
+    typedef float vf4 __attribute__((vector_size(16)));
+    typedef int32_t vi4 __attribute__((vector_size(16)));
+    auto load = [](const float* p) { vf4 v; std::memcpy(&v, p, sizeof v); return v; };
+    auto pick = [](vi4 mask, vi4 x, vi4 y) { return (x & mask) | (y & ~mask); };
+    for (; c0 + 8 <= n; c0 += 8) {
+      vf4 m0 = {init, init, init, init}, m1 = m0;
+      vi4 a0 = {-1, -1, -1, -1}, a1 = a0;
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const int32_t idx = static_cast<int32_t>(h * W + w);
+          const vi4 vidx = {idx, idx, idx, idx};
+          const float* xp = xb + static_cast<int64_t>(idx) * C + c0;
+          const vf4 v0 = load(xp), v1 = load(xp + 4);
+          const vi4 g0 = v0 > m0, g1 = v1 > m1;  // strict: the first maximum wins; NaN never does
+          m0 = (vf4)pick(g0, (vi4)v0, (vi4)m0), m1 = (vf4)pick(g1, (vi4)v1, (vi4)m1);
+          a0 = pick(g0, vidx, a0), a1 = pick(g1, vidx, a1);
+        }
+      }
+      std::memcpy(m + c0, &m0, 16), std::memcpy(m + c0 + 4, &m1, 16);
+      std::memcpy(a + c0, &a0, 16), std::memcpy(a + c0 + 4, &a1, 16);
+    }
+  }
+#endif
+  std::fill(m + c0, m + n, init);
+  std::fill(a + c0, a + n, int32_t(-1));
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int32_t idx = static_cast<int32_t>(h * W + w);
+      const scalar_t* __restrict__ xp = xb + static_cast<int64_t>(idx) * C;
+      // Bit-mask select: gcc does not if-convert `gt ? idx : a[c]`, and the loop would stay scalar and branchy.
+      for (int64_t c = c0; c < n; ++c) {
+        const T v = static_cast<T>(xp[c]);
+        const T mc = m[c];
+        const int32_t gt = -static_cast<int32_t>(v > mc);  // strict: the first maximum wins; NaN never does
+        m[c] = gt ? v : mc;
+        a[c] = (a[c] & ~gt) | (idx & gt);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void roi_pool_forward_kernel_impl(const at::Tensor& x_cl, const at::Tensor& rois, double spatial_scale, int64_t PH,
+                                  int64_t PW, at::Tensor& out) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t K = rois.size(0), C = x_cl.size(1), H = x_cl.size(2), W = x_cl.size(3);
+  const int64_t bins = PH * PW;
+  const scalar_t* x = x_cl.data_ptr<scalar_t>();
+  const T* r = rois.data_ptr<T>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<T> m(bins * C);  // the RoI's result, bins-major, written out channel by channel (sequentially)
+    std::vector<int32_t> a(C);
+    for (int64_t k = k0; k < k1; ++k) {
+      const RoIPoolGeom<T> g = roi_pool_geom<T>(r + 5 * k, T(spatial_scale), PH, PW);
+      const scalar_t* xb = x + g.batch * H * W * C;
+      scalar_t* ok = o + k * C * bins;
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        int64_t h0, h1;
+        roi_pool_bin(g.start_h, g.bin_h, ph, H, h0, h1);
+        if (!g.valid) h1 = h0;
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          int64_t w0, w1;
+          roi_pool_bin(g.start_w, g.bin_w, pw, W, w0, w1);
+          bin_max(xb, C, W, h0, h1, w0, w1, C, m.data() + (ph * PW + pw) * C, a.data());
+        }
+      }
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t bin = 0; bin < bins; ++bin) ok[c * bins + bin] = static_cast<scalar_t>(m[bin * C + c]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void roi_pool_backward_kernel_impl(const at::Tensor& grad, const at::Tensor& x_cl, const at::Tensor& rois,
+                                   double spatial_scale, int64_t PH, int64_t PW, at::Tensor& gin) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t K = rois.size(0), B = gin.size(0), C = gin.size(1), H = gin.size(2), W = gin.size(3);
+  const int64_t bins = PH * PW, HW = H * W;
+  const T* r = rois.data_ptr<T>();
+  std::vector<std::vector<int64_t>> by_image(B);  // RoIs of each image, in index order
+  for (int64_t k = 0; k < K; ++k) by_image[roi_pool_geom<T>(r + 5 * k, T(1), 1, 1).batch].push_back(k);
+  const scalar_t* g = grad.data_ptr<scalar_t>();
+  const scalar_t* x = x_cl.data_ptr<scalar_t>();
+  scalar_t* gi = gin.data_ptr<scalar_t>();
+  const int64_t nblk = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, B * nblk, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> acc, m(kChannelBlock), gt(kChannelBlock * bins);
+    std::vector<int32_t> a(kChannelBlock);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / nblk, c0 = (task % nblk) * kChannelBlock;
+      const int64_t cw = std::min(kChannelBlock, C - c0);
+      acc.assign(HW * cw, T(0));
+      const scalar_t* xb = x + b * HW * C + c0;
+      for (const int64_t k : by_image[b]) {
+        const RoIPoolGeom<T> geo = roi_pool_geom<T>(r + 5 * k, T(spatial_scale), PH, PW);
+        if (!geo.valid) continue;
+        // This block's grad rows are contiguous: one sequential read instead of cw strided ones per bin.
+        const scalar_t* gk = g + (k * C + c0) * bins;
+        for (int64_t i = 0; i < cw * bins; ++i) gt[i] = static_cast<T>(gk[i]);
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          int64_t h0, h1;
+          roi_pool_bin(geo.start_h, geo.bin_h, ph, H, h0, h1);
+          for (int64_t pw = 0; pw < PW; ++pw) {
+            int64_t w0, w1;
+            roi_pool_bin(geo.start_w, geo.bin_w, pw, W, w0, w1);
+            bin_max(xb, C, W, h0, h1, w0, w1, cw, m.data(), a.data());
+            const int64_t bin = ph * PW + pw;
+            for (int64_t c = 0; c < cw; ++c)
+              if (a[c] >= 0) acc[a[c] * cw + c] += gt[c * bins + bin];
+          }
+        }
+      }
+      scalar_t* out = gi + (b * C + c0) * HW;
+      for (int64_t c = 0; c < cw; ++c)
+        for (int64_t p = 0; p < HW; ++p) out[c * HW + p] = static_cast<scalar_t>(acc[p * cw + c]);
+    }
+  });
+}
+
+void check_args(const at::Tensor& input, const at::Tensor& rois, int64_t PH, int64_t PW, const char* op) {
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must have shape [N, C, H, W], got ", input.sizes());
+  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must have shape [K, 5], got ", rois.sizes());
+  TORCH_CHECK_VALUE(rois.is_floating_point(), op, ": rois must be a floating-point tensor, got ", rois.scalar_type());
+  TORCH_CHECK_VALUE(PH > 0 && PW > 0, op, ": output_size must be positive, got (", PH, ", ", PW, ")");
+  TORCH_CHECK_VALUE(rois.size(0) == 0 || (input.size(2) > 0 && input.size(3) > 0), op,
+                    ": input must have a non-empty feature map, got ", input.sizes());
+  TORCH_CHECK_VALUE(input.size(2) * input.size(3) < (int64_t(1) << 31), op, ": H * W must be below 2^31");
+}
+
+at::Tensor roi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& rois_in, double spatial_scale,
+                                   int64_t pooled_height, int64_t pooled_width) {
+  check_args(input, rois_in, pooled_height, pooled_width, "roi_pool");
+  const int64_t K = rois_in.size(0), B = input.size(0), C = input.size(1);
+  at::Tensor out = at::empty({K, C, pooled_height, pooled_width}, input.options());
+  if (K == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_forward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    check_batch_index<T>(rois.data_ptr<T>(), K, B, "roi_pool");
+    if (C == 0) return;
+    roi_pool_forward_kernel_impl<scalar_t>(input.contiguous(at::MemoryFormat::ChannelsLast), rois, spatial_scale,
+                                           pooled_height, pooled_width, out);
+  });
+  return out;
+}
+
+at::Tensor roi_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& rois_in,
+                                    double spatial_scale, int64_t pooled_height, int64_t pooled_width) {
+  check_args(input, rois_in, pooled_height, pooled_width, "_roi_pool_backward");
+  const int64_t K = rois_in.size(0), B = input.size(0), C = input.size(1);
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == K && grad.size(1) == C && grad.size(2) == pooled_height &&
+                        grad.size(3) == pooled_width,
+                    "_roi_pool_backward: grad must have shape [K, C, PH, PW], got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.scalar_type() == input.scalar_type(), "_roi_pool_backward: grad and input dtypes differ");
+  at::Tensor gin = at::zeros(input.sizes(), grad.options());
+  if (K == 0 || gin.numel() == 0) return gin;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    check_batch_index<T>(rois.data_ptr<T>(), K, B, "_roi_pool_backward");
+    roi_pool_backward_kernel_impl<scalar_t>(grad.contiguous(), input.contiguous(at::MemoryFormat::ChannelsLast), rois,
+                                            spatial_scale, pooled_height, pooled_width, gin);
+  });
+  return gin;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionops, CPU, m) {
+  m.impl("roi_pool", TORCH_FN(roi_pool_forward_kernel));
+  m.impl("_roi_pool_backward", TORCH_FN(roi_pool_backward_kernel));
+}
+
+}  // namespace visionops

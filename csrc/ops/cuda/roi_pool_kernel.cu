@@ -1,0 +1,163 @@
+// CUDA kernels of RoIPool (math: ops/common/roi_pool.h, visionops/reference/roi.py).
+//
+// One thread per output (forward) or grad (backward) element. As on the CPU, no argmax tensor is kept: the backward
+// finds each bin's maximum again with the forward's rule, then adds its gradient with a float atomic, or, when
+// torch.are_deterministic_algorithms_enabled(), with fixed-point integer atomics (roi_fixed_point.cuh). Features
+// are read through their strides (channels_last in place). An out-of-range batch index gives zeros, no gradient.
+#include <cfloat>
+
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "ops/common/roi_pool.h"
+#include "ops/cuda/roi_fixed_point.cuh"
+
+namespace visionops {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+inline Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// Max and argmax (h * W + w; -1 when nothing beats the initial value or the bin is empty) of element idx's bin.
+template <typename scalar_t, typename T>
+__device__ inline T bin_max(const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois, int64_t idx,
+                            int64_t B, int64_t C, int64_t H, int64_t W, T scale, int64_t PH, int64_t PW,
+                            int64_t& batch, int64_t& arg) {
+  const int64_t pw = idx % PW, ph = (idx / PW) % PH, c = (idx / (PW * PH)) % C, k = idx / (PW * PH * C);
+  const RoIPoolGeom<T> g = roi_pool_geom<T>(rois + 5 * k, scale, PH, PW);
+  batch = g.batch;
+  arg = -1;
+  int64_t h0, h1, w0, w1;
+  roi_pool_bin(g.start_h, g.bin_h, ph, H, h0, h1);
+  roi_pool_bin(g.start_w, g.bin_w, pw, W, w0, w1);
+  if (!g.valid || g.batch < 0 || g.batch >= B || h1 <= h0 || w1 <= w0) return T(0);
+  const scalar_t* xp = x + g.batch * sx.n + c * sx.c;
+  T best = -FLT_MAX;
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const T v = static_cast<T>(xp[h * sx.h + w * sx.w]);
+      if (v > best) {  // strict: the first maximum wins; NaN never does
+        best = v;
+        arg = h * W + w;
+      }
+    }
+  }
+  return best;
+}
+
+template <typename scalar_t, typename T>
+__global__ void roi_pool_forward_kernel_impl(const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
+                                             int64_t n, int64_t B, int64_t C, int64_t H, int64_t W, T scale,
+                                             int64_t PH, int64_t PW, scalar_t* __restrict__ out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n) return;
+  int64_t batch, arg;
+  out[idx] = static_cast<scalar_t>(bin_max(x, sx, rois, idx, B, C, H, W, scale, PH, PW, batch, arg));
+}
+
+template <typename scalar_t, typename T, bool kDeterministic>
+__global__ void roi_pool_backward_kernel_impl(const scalar_t* __restrict__ grad, Strides4 sg,
+                                              const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
+                                              int64_t n, int64_t B, int64_t C, int64_t H, int64_t W, T scale,
+                                              int64_t PH, int64_t PW, T* __restrict__ gin, FixedPointSum fp) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n) return;
+  int64_t batch, arg;
+  bin_max(x, sx, rois, idx, B, C, H, W, scale, PH, PW, batch, arg);
+  if (arg < 0) return;
+  const int64_t pw = idx % PW, ph = (idx / PW) % PH, c = (idx / (PW * PH)) % C, k = idx / (PW * PH * C);
+  const T go = static_cast<T>(grad[k * sg.n + c * sg.c + ph * sg.h + pw * sg.w]);
+  const int64_t dst = (batch * C + c) * H * W + arg;
+  if constexpr (kDeterministic) fp.add(dst, static_cast<double>(go), fp.scale());
+  else atomicAdd(gin + dst, go);
+}
+
+void check_args(const at::Tensor& input, const at::Tensor& rois, int64_t PH, int64_t PW, const char* op) {
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must have shape [N, C, H, W], got ", input.sizes());
+  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must have shape [K, 5], got ", rois.sizes());
+  TORCH_CHECK_VALUE(PH > 0 && PW > 0, op, ": output_size must be positive");
+  TORCH_CHECK_VALUE(input.device() == rois.device(), op, ": input and rois must be on the same device");
+  TORCH_CHECK_VALUE(rois.size(0) == 0 || (input.size(2) > 0 && input.size(3) > 0), op,
+                    ": input must have a non-empty feature map, got ", input.sizes());
+}
+
+at::Tensor roi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& rois_in, double spatial_scale,
+                                   int64_t pooled_height, int64_t pooled_width) {
+  check_args(input, rois_in, pooled_height, pooled_width, "roi_pool");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t K = rois_in.size(0), B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  at::Tensor out = at::empty({K, C, pooled_height, pooled_width}, input.options());
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_forward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    roi_pool_forward_kernel_impl<scalar_t, T>
+        <<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            input.data_ptr<scalar_t>(), strides_of(input), rois.data_ptr<T>(), n, B, C, H, W,
+            static_cast<T>(spatial_scale), pooled_height, pooled_width, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor roi_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& rois_in,
+                                    double spatial_scale, int64_t pooled_height, int64_t pooled_width) {
+  check_args(input, rois_in, pooled_height, pooled_width, "_roi_pool_backward");
+  const int64_t K = rois_in.size(0), B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == K && grad.size(1) == C && grad.size(2) == pooled_height &&
+                        grad.size(3) == pooled_width,
+                    "_roi_pool_backward: grad must have shape [K, C, PH, PW], got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.scalar_type() == input.scalar_type(), "_roi_pool_backward: grad and input dtypes differ");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor gin = at::zeros(input.sizes(), grad.options());
+  const int64_t n = grad.numel();
+  if (n == 0 || gin.numel() == 0) return gin;
+  const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const T scale = static_cast<T>(spatial_scale);
+    if (deterministic) {
+      FixedPointBuffers buf(grad, input.sizes());
+      const FixedPointSum s = buf.sum(static_cast<double>(K) * pooled_height * pooled_width);
+      roi_pool_backward_kernel_impl<scalar_t, T, true><<<blocks, kThreads, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), strides_of(grad), input.data_ptr<scalar_t>(), strides_of(input),
+          rois.data_ptr<T>(), n, B, C, H, W, scale, pooled_height, pooled_width, nullptr, s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      buf.finish<scalar_t>(s, gin, stream);
+      return;
+    }
+    at::Tensor acc = std::is_same_v<T, scalar_t> ? gin : at::zeros(input.sizes(), grad.options().dtype(c10::CppTypeToScalarType<T>::value));
+    roi_pool_backward_kernel_impl<scalar_t, T, false><<<blocks, kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), strides_of(grad), input.data_ptr<scalar_t>(), strides_of(input),
+        rois.data_ptr<T>(), n, B, C, H, W, scale, pooled_height, pooled_width, acc.data_ptr<T>(), FixedPointSum{});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!std::is_same_v<T, scalar_t>) gin.copy_(acc);
+  });
+  return gin;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionops, CUDA, m) {
+  m.impl("roi_pool", TORCH_FN(roi_pool_forward_kernel));
+  m.impl("_roi_pool_backward", TORCH_FN(roi_pool_backward_kernel));
+}
+
+}  // namespace visionops

@@ -1,0 +1,152 @@
+"""MultiScaleRoIAlign (FPN RoI pooling), as ``torchvision.ops.MultiScaleRoIAlign``.
+
+Each box is assigned a pyramid level with torchvision's LevelMapper (FPN paper eq. 1, canonical size 224 at
+level 4), then every box is pooled from its level by one ``visionops::multi_scale_roi_align`` kernel over all levels,
+instead of torchvision's Python loop of a where/index/roi_align/index_put per level. Gradients flow to the
+features only. ``backend="reference"`` (and ``"triton"``) keep torchvision's per-level loop.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from visionops._backend import resolve
+from visionops.ops._checks import check_int, check_pair
+from visionops.ops.roi import check_rois, no_double_backward, roi_align
+
+_ops = torch.ops.visionops
+_MAX_KERNEL_LEVELS = 8  # levels one CUDA launch takes (csrc/ops/cuda/roi_align_kernel.cu)
+
+
+def _infer_scale(feature: Tensor, original_size: Tuple[int, int]) -> float:
+    """Power of two closest to feature size / image size (torchvision's rule, from the height)."""
+    approx = float(feature.shape[-2]) / float(original_size[0])
+    return 2 ** float(torch.tensor(approx).log2().round())
+
+
+class LevelMapper:
+    """Level of each box: floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps), clamped to
+    [k_min, k_max], minus k_min."""
+
+    def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
+                 eps: float = 1e-6):
+        self.k_min, self.k_max = k_min, k_max
+        self.s0, self.lvl0, self.eps = canonical_scale, canonical_level, eps
+
+    def __call__(self, boxlists: List[Tensor]) -> Tensor:
+        b = torch.cat(boxlists)
+        s = torch.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+        lvl = torch.floor(self.lvl0 + torch.log2(s / self.s0) + torch.tensor(self.eps, dtype=s.dtype))
+        lvl = torch.clamp(lvl, min=self.k_min, max=self.k_max)
+        return lvl.to(torch.int64) - self.k_min
+
+
+def setup_scales(features: List[Tensor], image_shapes: List[Tuple[int, int]], canonical_scale: int = 224,
+                 canonical_level: int = 4) -> Tuple[List[float], LevelMapper]:
+    if not image_shapes:
+        raise ValueError("image_shapes must contain at least one (height, width)")
+    original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+    scales = [_infer_scale(f, original) for f in features]
+    lvl_min = -torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item()
+    lvl_max = -torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item()
+    return scales, LevelMapper(int(lvl_min), int(lvl_max), canonical_scale, canonical_level)
+
+
+def multi_scale_roi_align(features: List[Tensor], boxes: List[Tensor], output_size, sampling_ratio: int,
+                          scales: List[float], mapper: LevelMapper, *, backend: str = "auto") -> Tensor:
+    """Pool each box of ``boxes`` (list of Tensor[L_i, 4], one per image) from its FPN level of ``features``
+    (list of Tensor[N, C, H_l, W_l]). Returns Tensor[sum L_i, C, h, w] (aligned=False, as torchvision)."""
+    if not features:
+        raise ValueError("features must contain at least one feature map")
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"boxes must be a list of Tensor[L, 4] (one per image), got {type(boxes).__name__}")
+    ph, pw = check_pair("output_size", output_size)
+    sr = check_int("sampling_ratio", sampling_ratio)
+    rois = check_rois(features[0], boxes, "multi_scale_roi_align")
+    for i, f in enumerate(features[1:], 1):
+        check_rois(f, rois, "multi_scale_roi_align")
+        if f.shape[1] != features[0].shape[1] or f.dtype != features[0].dtype:
+            raise ValueError(f"features[{i}] must have the channels and dtype of features[0]")
+    if len(features) == 1:
+        return roi_align(features[0], rois, (ph, pw), scales[0], sr, backend=backend)
+    levels = mapper(list(boxes))
+    b = resolve("multi_scale_roi_align", backend, features[0].device)
+    if b == "cpp" and len(features) <= _MAX_KERNEL_LEVELS:
+        return _ops.multi_scale_roi_align(list(features), rois, levels, [float(s) for s in scales], ph, pw, sr, False)
+    # torchvision's loop over levels (reference/triton backends, or more levels than one kernel launch takes)
+    result = features[0].new_zeros((rois.shape[0], features[0].shape[1], ph, pw))
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        idx = torch.where(levels == level)[0]
+        result[idx] = roi_align(feature, rois[idx], (ph, pw), scale, sr, backend=b)
+    return result
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """torchvision.ops.MultiScaleRoIAlign: same constructor and ``forward(x, boxes, image_shapes)``.
+
+    Args:
+        featmap_names: keys of the feature maps of ``x`` to pool from (finest first).
+        output_size: int or (h, w); sampling_ratio: as in :func:`visionops.roi_align`.
+        canonical_scale, canonical_level: LevelMapper parameters (224, 4).
+    """
+
+    __annotations__ = {"scales": Optional[List[float]], "map_levels": Optional[LevelMapper]}
+
+    def __init__(self, featmap_names: List[str], output_size, sampling_ratio: int, *, canonical_scale: int = 224,
+                 canonical_level: int = 4, backend: str = "auto"):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = featmap_names
+        self.sampling_ratio = sampling_ratio
+        self.output_size = tuple(output_size)
+        self.scales: Optional[List[float]] = None
+        self.map_levels: Optional[LevelMapper] = None
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.backend = backend
+
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = setup_scales(features, image_shapes, self.canonical_scale,
+                                                        self.canonical_level)
+        return multi_scale_roi_align(features, boxes, self.output_size, self.sampling_ratio, self.scales,
+                                     self.map_levels, backend=self.backend)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio})")
+
+
+# ---- registrations ---------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("visionops::multi_scale_roi_align")
+def _(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned):
+    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
+
+
+@torch.library.register_fake("visionops::_multi_scale_roi_align_backward")
+def _(grad, rois, levels, scales, pooled_height, pooled_width, feature_shapes, sampling_ratio, aligned):
+    return [grad.new_empty(feature_shapes[i:i + 4]) for i in range(0, len(feature_shapes), 4)]
+
+
+def _setup(ctx, inputs, output):
+    features, rois, levels, scales, ph, pw, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois, levels)
+    ctx.args = (scales, ph, pw, [s for f in features for s in f.shape], sampling_ratio, aligned)
+
+
+def _backward(ctx, grad):
+    rois, levels = ctx.saved_tensors
+    grads = _ops._multi_scale_roi_align_backward(grad, rois, levels, *ctx.args)
+    return list(grads), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("visionops::multi_scale_roi_align", _backward, setup_context=_setup)
+torch.library.register_autograd("visionops::_multi_scale_roi_align_backward",
+                                no_double_backward("multi_scale_roi_align"),
+                                setup_context=lambda ctx, inputs, output: None)
+
+__all__ = ["MultiScaleRoIAlign", "LevelMapper", "multi_scale_roi_align", "setup_scales"]

@@ -1,0 +1,216 @@
+"""RoI pooling family: roi_align, roi_pool and their modules (torchvision.ops semantics).
+
+Kernels: csrc/ops/{cpu,cuda}/roi_{align,pool}_kernel.*, visionops/triton/roi.py; math: visionops/reference/roi.py.
+
+Differences from torchvision, all deliberate:
+
+* gradients flow to ``input`` only, never to the boxes (as torchvision); double backward raises;
+* the batch index (column 0 of the RoIs) is range-checked on the CPU (IndexError); on CUDA, where that would cost a
+  device sync, an out-of-range RoI yields zeros and no gradient instead of an out-of-bounds read;
+* float16/bfloat16 features are computed in float32 and the boxes may have any floating dtype, so under
+  ``torch.autocast`` half features with float32 boxes just work and the output keeps the features' dtype (what
+  torchvision's autocast wrapper produces by casting to float32 and back); no autocast cast is registered;
+* NaN/infinite/inverted boxes are defined: a sample at a NaN coordinate, or in a RoI whose adaptive grid is not
+  finite, contributes nothing (RoIAlign); a RoI with a NaN coordinate gives empty bins (RoIPool: 0).
+"""
+from typing import List, Union
+
+import torch
+from torch import Tensor, nn
+
+from visionops import reference
+from visionops._backend import resolve
+from visionops.ops._checks import check_int, check_number, check_pair, check_tensor
+
+_ops = torch.ops.visionops
+BoxesType = Union[Tensor, List[Tensor]]
+
+
+def _triton():
+    import visionops.triton.roi as triton_roi  # imported on first use: needs the triton package
+
+    return triton_roi
+
+
+def convert_boxes_to_roi_format(boxes: List[Tensor]) -> Tensor:
+    """List of Tensor[L_i, 4] (one per image) -> Tensor[sum L_i, 5] with the image index in column 0."""
+    concat = torch.cat(list(boxes), dim=0)
+    ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
+    return torch.cat([ids, concat], dim=1)
+
+
+def check_rois(input: Tensor, boxes: BoxesType, op: str = "roi") -> Tensor:
+    """Validate ``input`` and ``boxes`` and return the RoIs as Tensor[K, 5]; raises TypeError/ValueError."""
+    check_tensor("input", input, floating=True)
+    if input.dim() != 4:
+        raise ValueError(f"{op}: input must have shape [N, C, H, W], got {list(input.shape)}")
+    if input.shape[2] == 0 or input.shape[3] == 0:
+        raise ValueError(f"{op}: input must have a non-empty feature map (H > 0 and W > 0), got {list(input.shape)}")
+    if isinstance(boxes, (list, tuple)):
+        for i, b in enumerate(boxes):
+            check_tensor(f"boxes[{i}]", b, floating=True)
+            if b.dim() != 2 or b.shape[1] != 4:
+                raise ValueError(f"{op}: boxes[{i}] must have shape [L, 4], got {list(b.shape)}")
+            if b.device != input.device:
+                raise ValueError(f"{op}: boxes[{i}] is on {b.device} but input is on {input.device}; they must be on the same device")
+        if len(boxes) == 0:
+            return input.new_zeros(0, 5)
+        return convert_boxes_to_roi_format(boxes)
+    if not isinstance(boxes, Tensor):
+        raise TypeError(f"{op}: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+    check_tensor("boxes", boxes, floating=True)
+    if boxes.dim() != 2 or boxes.shape[1] != 5:
+        raise ValueError(f"{op}: boxes must have shape [K, 5] (batch index, x1, y1, x2, y2), got {list(boxes.shape)}")
+    if boxes.device != input.device:
+        raise ValueError(f"{op}: boxes is on {boxes.device} but input is on {input.device}; they must be on the same device")
+    return boxes
+
+
+def roi_align(input: Tensor, boxes: BoxesType, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False, *, backend: str = "auto") -> Tensor:
+    """RoIAlign (Mask R-CNN), as ``torchvision.ops.roi_align``.
+
+    Args:
+        input: Tensor[N, C, H, W] features (float64/32/16, bfloat16; NCHW or channels_last).
+        boxes: Tensor[K, 5] of (batch index, x1, y1, x2, y2), or a list of Tensor[L_i, 4] (one per image).
+        output_size: int or (h, w) of each pooled map.
+        spatial_scale: feature-map cells per input pixel (e.g. 1/16).
+        sampling_ratio: bilinear samples per bin along each axis; <= 0 picks ceil(roi_size / output_size).
+        aligned: shift boxes by -0.5 cell (pixel-centre model), as Detectron2.
+        backend: "auto", "cpp", "triton" or "reference" (see ``visionops._backend``).
+
+    Returns:
+        Tensor[K, C, h, w] in input's dtype. Differentiable in ``input`` only.
+    """
+    rois = check_rois(input, boxes, "roi_align")
+    ph, pw = check_pair("output_size", output_size)
+    scale = check_number("spatial_scale", spatial_scale)
+    sr = check_int("sampling_ratio", sampling_ratio)
+    aligned = bool(aligned)
+    b = resolve("roi_align", backend, input.device)
+    if b == "cpp":
+        return _ops.roi_align(input, rois, scale, ph, pw, sr, aligned)
+    if b == "triton":
+        return _triton().triton_roi_align(input, rois, scale, ph, pw, sr, aligned)
+    return reference.roi_align(input, rois, scale, ph, pw, sr, aligned)
+
+
+def roi_pool(input: Tensor, boxes: BoxesType, output_size, spatial_scale: float = 1.0, *,
+             backend: str = "auto") -> Tensor:
+    """RoIPool (Fast R-CNN), as ``torchvision.ops.roi_pool``.
+
+    Args:
+        input: Tensor[N, C, H, W]; boxes: Tensor[K, 5] or list of Tensor[L_i, 4]; output_size: int or (h, w);
+        spatial_scale: feature-map cells per input pixel.
+
+    Returns:
+        Tensor[K, C, h, w]: the max of each bin (0 for an empty bin). The gradient goes to the first maximum.
+    """
+    rois = check_rois(input, boxes, "roi_pool")
+    ph, pw = check_pair("output_size", output_size)
+    scale = check_number("spatial_scale", spatial_scale)
+    b = resolve("roi_pool", backend, input.device)
+    if b == "cpp":
+        return _ops.roi_pool(input, rois, scale, ph, pw)
+    if b == "triton":
+        return _triton().triton_roi_pool(input, rois, scale, ph, pw)
+    return reference.roi_pool(input, rois, scale, ph, pw)
+
+
+class RoIAlign(nn.Module):
+    """Module form of :func:`roi_align`."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False, *,
+                 backend: str = "auto"):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.backend = backend
+
+    def forward(self, input: Tensor, rois: BoxesType) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+                         backend=self.backend)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})")
+
+
+class RoIPool(nn.Module):
+    """Module form of :func:`roi_pool`."""
+
+    def __init__(self, output_size, spatial_scale: float, *, backend: str = "auto"):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.backend = backend
+
+    def forward(self, input: Tensor, rois: BoxesType) -> Tensor:
+        return roi_pool(input, rois, self.output_size, self.spatial_scale, backend=self.backend)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
+
+
+# ---- registrations: fake kernels and autograd ------------------------------------------------------------------
+
+
+@torch.library.register_fake("visionops::roi_align")
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align: rois must have shape [K, 5]")
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.register_fake("visionops::_roi_align_backward")
+def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
+      aligned):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+@torch.library.register_fake("visionops::roi_pool")
+def _(input, rois, spatial_scale, pooled_height, pooled_width):
+    torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_pool: rois must have shape [K, 5]")
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.register_fake("visionops::_roi_pool_backward")
+def _(grad, input, rois, spatial_scale, pooled_height, pooled_width):
+    return grad.new_empty(input.shape)
+
+
+def _roi_align_setup(ctx, inputs, output):
+    input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (spatial_scale, ph, pw, *input.shape, sampling_ratio, aligned)
+
+
+def _roi_align_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    return (_ops._roi_align_backward(grad, rois, *ctx.args),) + (None,) * 6
+
+
+def _roi_pool_setup(ctx, inputs, output):
+    input, rois, spatial_scale, ph, pw = inputs
+    ctx.save_for_backward(input, rois)
+    ctx.args = (spatial_scale, ph, pw)
+
+
+def _roi_pool_backward(ctx, grad):
+    input, rois = ctx.saved_tensors
+    return (_ops._roi_pool_backward(grad, input, rois, *ctx.args),) + (None,) * 4
+
+
+def no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"visionops: double backward of {op} is not supported")
+
+    return backward
+
+
+torch.library.register_autograd("visionops::roi_align", _roi_align_backward, setup_context=_roi_align_setup)
+torch.library.register_autograd("visionops::roi_pool", _roi_pool_backward, setup_context=_roi_pool_setup)
+for _name in ("_roi_align_backward", "_roi_pool_backward"):
+    torch.library.register_autograd(f"visionops::{_name}", no_double_backward(_name.strip("_").replace("_backward", "")),
+                                    setup_context=lambda ctx, inputs, output: None)
