@@ -8,4 +8,5 @@ try:
 except ImportError:  # backend="triton" then raises a clear ValueError (visionops._backend)
     pass
 else:
-    from visionops.triton import nms  # noqa: F401  (registers torch.ops.visionops.triton_*)
+    # each module registers its torch.ops.visionops.triton_* ops
+    from visionops.triton import anchors, box_coder, nms, roi  # noqa: F401
