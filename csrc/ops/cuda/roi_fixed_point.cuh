@@ -62,7 +62,8 @@ struct FixedPointBuffers {
   FixedPointBuffers(const at::Tensor& grad, at::IntArrayRef sizes) {
     q = at::zeros(sizes, grad.options().dtype(at::kLong));
     flags = at::zeros(sizes, grad.options().dtype(at::kInt));
-    max_abs = at::amax(at::nan_to_num(grad.to(at::kDouble).abs(), 0.0, 0.0, 0.0)).reshape({1});
+    // In grad's dtype (a float64 copy of grad would double the peak memory), then one element to float64.
+    max_abs = at::amax(at::nan_to_num(grad.abs(), 0.0, 0.0, 0.0)).to(at::kDouble).reshape({1});
   }
 
   FixedPointSum sum(double terms) {
