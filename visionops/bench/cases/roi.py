@@ -103,14 +103,14 @@ def multiscale_case(backward=False, c=256, k=1000):
 
 
 CASES = [
-    Case("roi_align", "fwd 2x256x50x68, 1024 RoIs", align_case(), quick=True, target=4.0, tags={"gpu_target": 1.5}),
-    Case("roi_align", "bwd 2x256x50x68, 1024 RoIs", align_case(backward=True), target=10.0, tags={"gpu_target": 2.0}),
+    Case("roi_align", "fwd 2x256x50x68, 1024 RoIs", align_case(), quick=True, target=4.0, gpu_target=1.5),
+    Case("roi_align", "bwd 2x256x50x68, 1024 RoIs", align_case(backward=True), target=10.0, gpu_target=2.0),
     Case("roi_align", "fwd 8x256x200x272, 4096 RoIs", align_case(n=8, h=200, w=272, k=4096), devices=("cuda",)),
     Case("roi_align", "bwd 8x256x200x272, 4096 RoIs", align_case(True, n=8, h=200, w=272, k=4096), devices=("cuda",)),
     Case("roi_align", "deterministic bwd vs our atomic bwd", align_case(True, deterministic=True), devices=("cuda",),
-         baseline="visionops atomic", tags={"gpu_target": 1 / 1.5}),
-    Case("roi_pool", "fwd 2x256x50x68, 1024 RoIs", pool_case(), quick=True, target=4.0, tags={"gpu_target": 1.5}),
-    Case("roi_pool", "fwd+bwd 2x256x50x68, 1024 RoIs", pool_case(backward=True), target=4.0, tags={"gpu_target": 2.0}),
+         baseline="visionops atomic", gpu_target=1 / 1.5),
+    Case("roi_pool", "fwd 2x256x50x68, 1024 RoIs", pool_case(), quick=True, target=4.0, gpu_target=1.5),
+    Case("roi_pool", "fwd+bwd 2x256x50x68, 1024 RoIs", pool_case(backward=True), target=4.0, gpu_target=2.0),
     Case("multi_scale_roi_align", "fwd FPN 4 levels 2x256, 1000 boxes", multiscale_case(), quick=True),
     Case("multi_scale_roi_align", "fwd+bwd FPN 4 levels 2x256, 1000 boxes", multiscale_case(True)),
     # Triton backend on the GPU (on the CPU it only runs interpreted, which is for testing, not timing).
