@@ -31,11 +31,11 @@ echo "build took $(( $(date +%s) - t0 )) s"
 $PY -c "import visionops; print(visionops.build_info())" || { echo "IMPORT FAILED"; exit 1; }
 
 step "tests on CUDA (compiled Triton, not interpreted)"
-VISIONOPS_TEST_CUDA=1 timeout 300 $PY -m pytest tests -q -x -p no:cacheprovider -k "cuda or triton" \
+VISIONOPS_TEST_CUDA=1 timeout 240 $PY -m pytest tests -q --maxfail=10 -p no:cacheprovider -k "cuda or triton" \
   --junitxml="$out/${card}-${stamp}-tests.xml" || status=1
 
 step "compute-sanitizer memcheck on small cases"
-timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitizer_cases.py || status=1
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitizer_cases.py || status=1
 
 step "benchmarks (CUDA)"
 timeout 240 $PY -m visionops.bench --device cuda --out "$out" || status=1
