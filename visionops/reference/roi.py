@@ -68,7 +68,7 @@ def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: 
     x = _opmath(input)
     r = rois.detach().to(x.dtype)
     B, C, H, W = x.shape
-    scale = torch.tensor(spatial_scale, dtype=x.dtype)
+    scale = torch.tensor(spatial_scale, dtype=x.dtype, device=x.device)
     offset = 0.5 if aligned else 0.0
     outs = []
     for k in range(r.shape[0]):
@@ -83,11 +83,11 @@ def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: 
         if gh == 0 or gw == 0:
             outs.append(x.new_zeros(C, pooled_height, pooled_width) + 0 * x[b].sum())
             continue
-        ph = torch.arange(pooled_height, dtype=x.dtype)[:, None]
-        iy = torch.arange(gh, dtype=x.dtype)[None, :]
+        ph = torch.arange(pooled_height, dtype=x.dtype, device=x.device)[:, None]
+        iy = torch.arange(gh, dtype=x.dtype, device=x.device)[None, :]
         ys = (sh + ph * bh + (iy + 0.5) * bh / gh).flatten()  # [PH * gh]
-        pw = torch.arange(pooled_width, dtype=x.dtype)[:, None]
-        ix = torch.arange(gw, dtype=x.dtype)[None, :]
+        pw = torch.arange(pooled_width, dtype=x.dtype, device=x.device)[:, None]
+        ix = torch.arange(gw, dtype=x.dtype, device=x.device)[None, :]
         xs = (sw + pw * bw + (ix + 0.5) * bw / gw).flatten()  # [PW * gw]
         ylo, yhi, hy, ly, vy = _axis_taps(ys, H)
         xlo, xhi, hx, lx, vx = _axis_taps(xs, W)
@@ -110,7 +110,7 @@ def roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: i
     x = _opmath(input)
     r = rois.detach().to(x.dtype)
     B, C, H, W = x.shape
-    scale = torch.tensor(spatial_scale, dtype=x.dtype)
+    scale = torch.tensor(spatial_scale, dtype=x.dtype, device=x.device)
     outs = []
     for k in range(r.shape[0]):
         b = _batch_index(float(r[k, 0]), B, k)
@@ -125,18 +125,18 @@ def roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: i
             return int(math.copysign(min(math.floor(a + 0.5), lim) if a < lim else lim, float(v)))
 
         x1, y1, x2, y2 = (cround(v) for v in c)
-        bh = torch.tensor(max(y2 - y1 + 1, 1), dtype=x.dtype) / pooled_height
-        bw = torch.tensor(max(x2 - x1 + 1, 1), dtype=x.dtype) / pooled_width
+        bh = torch.tensor(max(y2 - y1 + 1, 1), dtype=x.dtype, device=x.device) / pooled_height
+        bw = torch.tensor(max(x2 - x1 + 1, 1), dtype=x.dtype, device=x.device) / pooled_width
 
         def bounds(start, bin_, pooled, size):
-            p = torch.arange(pooled, dtype=x.dtype)
+            p = torch.arange(pooled, dtype=x.dtype, device=x.device)
             lo = (torch.floor(p * bin_).long() + start).clamp(0, size)
             hi = (torch.ceil((p + 1) * bin_).long() + start).clamp(0, size)
             return lo, hi
 
         hlo, hhi = bounds(y1, bh, pooled_height, H)
         wlo, whi = bounds(x1, bw, pooled_width, W)
-        hh, ww = torch.arange(H), torch.arange(W)
+        hh, ww = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
         in_h = (hh[None, :] >= hlo[:, None]) & (hh[None, :] < hhi[:, None])  # [PH, H]
         in_w = (ww[None, :] >= wlo[:, None]) & (ww[None, :] < whi[:, None])  # [PW, W]
         mask = (in_h[:, None, :, None] & in_w[None, :, None, :]).reshape(pooled_height, pooled_width, H * W)

@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from visionops.triton._math import div_rn
+
 _BLOCK = 256
 
 
@@ -35,12 +37,12 @@ def _decode_boxes_kernel(d_ptr, a_ptr, out_ptr, total, k, wx, wy, ww, wh, clip, 
     h = ay2 - ay1
     cx = ax1 + 0.5 * w
     cy = ay1 + 0.5 * h
-    dw = d2 / ww
-    dh = d3 / wh
+    dw = div_rn(d2, ww)
+    dh = div_rn(d3, wh)
     dw = tl.where(dw > clip, clip, dw)  # keeps NaN, as torch.clamp
     dh = tl.where(dh > clip, clip, dh)
-    pcx = (d0 / wx) * w + cx
-    pcy = (d1 / wy) * h + cy
+    pcx = div_rn(d0, wx) * w + cx
+    pcy = div_rn(d1, wy) * h + cy
     hw = 0.5 * (tl.exp(dw) * w)
     hh = 0.5 * (tl.exp(dh) * h)
     x1 = pcx - hw
@@ -77,10 +79,10 @@ def _decode_boxes_backward_kernel(g_ptr, d_ptr, a_ptr, gd_ptr, ga_ptr, n, k, wx,
         base = 4 * (i * k + j)
         d0, d1, d2, d3 = _load4(d_ptr, base, valid, F64)
         g0, g1, g2, g3 = _load4(g_ptr, base, valid, F64)
-        dx = d0 / wx
-        dy = d1 / wy
-        dw_raw = d2 / ww
-        dh_raw = d3 / wh
+        dx = div_rn(d0, wx)
+        dy = div_rn(d1, wy)
+        dw_raw = div_rn(d2, ww)
+        dh_raw = div_rn(d3, wh)
         ew = tl.exp(tl.where(dw_raw > clip, clip, dw_raw))
         eh = tl.exp(tl.where(dh_raw > clip, clip, dh_raw))
         if CLIP_IMAGE:
@@ -101,10 +103,10 @@ def _decode_boxes_backward_kernel(g_ptr, d_ptr, a_ptr, gd_ptr, ga_ptr, n, k, wx,
         g_pw = 0.5 * (g2 - g0)
         g_ph = 0.5 * (g3 - g1)
         ty = gd_ptr.dtype.element_ty
-        tl.store(gd_ptr + base, (g_pcx * w / wx).to(ty), mask=valid)
-        tl.store(gd_ptr + base + 1, (g_pcy * h / wy).to(ty), mask=valid)
-        tl.store(gd_ptr + base + 2, tl.where(dw_raw <= clip, g_pw * ew * w / ww, 0.0).to(ty), mask=valid)
-        tl.store(gd_ptr + base + 3, tl.where(dh_raw <= clip, g_ph * eh * h / wh, 0.0).to(ty), mask=valid)
+        tl.store(gd_ptr + base, div_rn(g_pcx * w, wx).to(ty), mask=valid)
+        tl.store(gd_ptr + base + 1, div_rn(g_pcy * h, wy).to(ty), mask=valid)
+        tl.store(gd_ptr + base + 2, tl.where(dw_raw <= clip, div_rn(g_pw * ew * w, ww), 0.0).to(ty), mask=valid)
+        tl.store(gd_ptr + base + 3, tl.where(dh_raw <= clip, div_rn(g_ph * eh * h, wh), 0.0).to(ty), mask=valid)
         g_w = g_pcx * dx + g_pw * ew + 0.5 * g_pcx
         g_h = g_pcy * dy + g_ph * eh + 0.5 * g_pcy
         acc0 += g_pcx - g_w
@@ -130,10 +132,10 @@ def _encode_boxes_kernel(r_ptr, q_ptr, out_ptr, n, wx, wy, ww, wh, F64: tl.const
     gh = ry2 - ry1
     ty = out_ptr.dtype.element_ty
     o = out_ptr + 4 * i
-    tl.store(o, (wx * ((rx1 + 0.5 * gw) - (qx1 + 0.5 * ew)) / ew).to(ty), mask=valid)
-    tl.store(o + 1, (wy * ((ry1 + 0.5 * gh) - (qy1 + 0.5 * eh)) / eh).to(ty), mask=valid)
-    tl.store(o + 2, (ww * tl.log(gw / ew)).to(ty), mask=valid)
-    tl.store(o + 3, (wh * tl.log(gh / eh)).to(ty), mask=valid)
+    tl.store(o, div_rn(wx * ((rx1 + 0.5 * gw) - (qx1 + 0.5 * ew)), ew).to(ty), mask=valid)
+    tl.store(o + 1, div_rn(wy * ((ry1 + 0.5 * gh) - (qy1 + 0.5 * eh)), eh).to(ty), mask=valid)
+    tl.store(o + 2, (ww * tl.log(div_rn(gw, ew))).to(ty), mask=valid)
+    tl.store(o + 3, (wh * tl.log(div_rn(gh, eh))).to(ty), mask=valid)
 
 
 @triton.jit

@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from visionops.triton._math import div_rn
+
 BLOCK = 64  # boxes per tile = bits per mask word
 GATHER_WORDS = 64  # mask words OR-ed per step of the gather
 
@@ -36,7 +38,7 @@ def _iou(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2):
     w = _max_first(0.0, _min_first(ax2, bx2) - _max_first(ax1, bx1))
     h = _max_first(0.0, _min_first(ay2, by2) - _max_first(ay1, by1))
     inter = w * h
-    return inter / (area_a + area_b - inter)
+    return div_rn(inter, area_a + area_b - inter)
 
 
 @triton.jit

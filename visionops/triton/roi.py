@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from visionops.triton._math import div_rn
+
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 BLOCK_C = 64  # channels per program
 MAX_GRID = tl.constexpr(65536)  # adaptive sampling grid cap per axis (csrc/ops/common/roi_align.h)
@@ -33,14 +35,14 @@ def _align_geom(rois_ptr, k, spatial_scale, PH, PW, sampling_ratio, ALIGNED: tl.
     if not ALIGNED:
         rw = tl.where(rw < 1.0, 1.0, rw)
         rh = tl.where(rh < 1.0, 1.0, rh)
-    qh = tl.math.ceil(rh / PH)
-    qw = tl.math.ceil(rw / PW)
+    qh = tl.math.ceil(div_rn(rh, PH))
+    qw = tl.math.ceil(div_rn(rw, PW))
     # Non-finite or non-positive sizes: no samples (qh - qh is NaN for inf and NaN).
     gh = tl.where((qh > 0) & (qh - qh == 0), tl.minimum(qh, MAX_GRID), 0.0).to(tl.int32)
     gw = tl.where((qw > 0) & (qw - qw == 0), tl.minimum(qw, MAX_GRID), 0.0).to(tl.int32)
     gh = tl.where(sampling_ratio > 0, sampling_ratio, gh)
     gw = tl.where(sampling_ratio > 0, sampling_ratio, gw)
-    return b, sh, sw, rh / PH, rw / PW, gh, gw
+    return b, sh, sw, div_rn(rh, PH), div_rn(rw, PW), gh, gw
 
 
 @triton.jit
@@ -71,10 +73,10 @@ def _roi_align_fwd_kernel(x_ptr, rois_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, s
     base = x_ptr + tl.where(ok, b, 0) * sxb + cs.to(tl.int64) * sxc
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for iy in range(0, gh):
-        y = sh + ph * bh + (iy + 0.5) * bh / gh
+        y = sh + ph * bh + div_rn((iy + 0.5) * bh, gh)
         ylo, yhi, hy, ly, vy = _axis(y, H)
         for ix in range(0, gw):
-            x = sw + pw * bw + (ix + 0.5) * bw / gw
+            x = sw + pw * bw + div_rn((ix + 0.5) * bw, gw)
             xlo, xhi, hx, lx, vx = _axis(x, W)
             m = tl.where(vy & vx & ok, cmask, False)  # (block & scalar mask trips the interpreter)
             v1 = tl.load(base + ylo * sxh + xlo * sxw, mask=m, other=0.0).to(tl.float32)
@@ -84,7 +86,7 @@ def _roi_align_fwd_kernel(x_ptr, rois_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, s
             acc += hy * hx * v1 + hy * lx * v2 + ly * hx * v3 + ly * lx * v4
     count = tl.maximum(gh * gw, 1).to(tl.float32)
     out = out_ptr + ((k.to(tl.int64) * C + cs) * PH + ph) * PW + pw
-    tl.store(out, acc / count, mask=cmask)
+    tl.store(out, div_rn(acc, count), mask=cmask)
 
 
 @triton.jit
@@ -103,16 +105,16 @@ def _roi_align_bwd_kernel(g_ptr, rois_ptr, gin_ptr, B, C, H, W, sgk, sgc, sgh, s
     g = g.to(tl.float32)
     base = gin_ptr + (tl.where(ok, b, 0) * C + cs.to(tl.int64)) * H * W
     for iy in range(0, gh):
-        y = sh + ph * bh + (iy + 0.5) * bh / gh
+        y = sh + ph * bh + div_rn((iy + 0.5) * bh, gh)
         ylo, yhi, hy, ly, vy = _axis(y, H)
         for ix in range(0, gw):
-            x = sw + pw * bw + (ix + 0.5) * bw / gw
+            x = sw + pw * bw + div_rn((ix + 0.5) * bw, gw)
             xlo, xhi, hx, lx, vx = _axis(x, W)
             m = tl.where(vy & vx & ok, cmask, False)  # (block & scalar mask trips the interpreter)
-            tl.atomic_add(base + ylo * W + xlo, g * (hy * hx) / count, mask=m)
-            tl.atomic_add(base + ylo * W + xhi, g * (hy * lx) / count, mask=m)
-            tl.atomic_add(base + yhi * W + xlo, g * (ly * hx) / count, mask=m)
-            tl.atomic_add(base + yhi * W + xhi, g * (ly * lx) / count, mask=m)
+            tl.atomic_add(base + ylo * W + xlo, div_rn(g * (hy * hx), count), mask=m)
+            tl.atomic_add(base + ylo * W + xhi, div_rn(g * (hy * lx), count), mask=m)
+            tl.atomic_add(base + yhi * W + xlo, div_rn(g * (ly * hx), count), mask=m)
+            tl.atomic_add(base + yhi * W + xhi, div_rn(g * (ly * lx), count), mask=m)
 
 
 @triton.jit
@@ -138,8 +140,8 @@ def _pool_bin(rois_ptr, k, spatial_scale, PH, PW, ph, pw, H, W):
     valid = (x1 == x1) & (y1 == y1) & (x2 == x2) & (y2 == y2)
     sw = _round(x1)
     sh = _round(y1)
-    bh = tl.maximum(_round(y2) - sh + 1, 1).to(tl.float32) / PH
-    bw = tl.maximum(_round(x2) - sw + 1, 1).to(tl.float32) / PW
+    bh = div_rn(tl.maximum(_round(y2) - sh + 1, 1).to(tl.float32), PH)
+    bw = div_rn(tl.maximum(_round(x2) - sw + 1, 1).to(tl.float32), PW)
     h0 = tl.minimum(tl.maximum(tl.math.floor(ph * bh).to(tl.int32) + sh, 0), H)
     h1 = tl.minimum(tl.maximum(tl.math.ceil((ph + 1) * bh).to(tl.int32) + sh, 0), H)
     w0 = tl.minimum(tl.maximum(tl.math.floor(pw * bw).to(tl.int32) + sw, 0), W)
