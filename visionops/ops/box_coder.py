@@ -12,6 +12,7 @@ from torch import Tensor
 from visionops import reference
 from visionops._backend import resolve
 from visionops.ops._checks import check_boxes, check_number, check_same_device, check_same_length, check_tensor
+from visionops.ops._autograd import refuse_double_backward
 
 _ops = torch.ops.visionops
 DEFAULT_CLIP = math.log(1000.0 / 16)
@@ -199,11 +200,5 @@ def _decode_backward(ctx, grad):
     return gd, ga, None, None, None
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("visionops: double backward of decode_boxes is not supported")
-
-
 torch.library.register_autograd("visionops::decode_boxes", _decode_backward, setup_context=_decode_setup_context)
-torch.library.register_autograd(
-    "visionops::_decode_boxes_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
+refuse_double_backward("visionops::_decode_boxes_backward", "decode_boxes")

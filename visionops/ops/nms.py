@@ -8,6 +8,7 @@ from torch import Tensor
 from visionops import reference
 from visionops._backend import resolve
 from visionops.ops._checks import check_boxes, check_number, check_same_device, check_same_length, check_tensor
+from visionops.ops._autograd import refuse_double_backward
 
 _ops = torch.ops.visionops
 
@@ -120,14 +121,8 @@ def _box_iou_backward(ctx, grad):
     return _ops._box_iou_backward(grad.contiguous(), boxes1, boxes2)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("visionops: double backward of box_iou is not supported")
-
-
 torch.library.register_autograd("visionops::box_iou", _box_iou_backward, setup_context=box_iou_setup_context)
-torch.library.register_autograd(
-    "visionops::_box_iou_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
+refuse_double_backward("visionops::_box_iou_backward", "box_iou")
 
 # As torchvision: under autocast, NMS runs in float32 (its inputs are upcast, never downcast).
 for _name in ("visionops::nms", "visionops::batched_nms"):

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from visionops._backend import resolve
 from visionops.ops._checks import check_int, check_pair
-from visionops.ops.roi import check_rois, no_double_backward, roi_align
+from visionops.ops.roi import check_rois, roi_align
+from visionops.ops._autograd import refuse_double_backward
 
 _ops = torch.ops.visionops
 _MAX_KERNEL_LEVELS = 8  # levels one CUDA launch takes (csrc/ops/cuda/roi_align_kernel.cu)
@@ -145,8 +146,6 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("visionops::multi_scale_roi_align", _backward, setup_context=_setup)
-torch.library.register_autograd("visionops::_multi_scale_roi_align_backward",
-                                no_double_backward("multi_scale_roi_align"),
-                                setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward("visionops::_multi_scale_roi_align_backward", "multi_scale_roi_align")
 
 __all__ = ["MultiScaleRoIAlign", "LevelMapper", "multi_scale_roi_align", "setup_scales"]

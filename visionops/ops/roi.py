@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from visionops import reference
 from visionops._backend import resolve
 from visionops.ops._checks import check_int, check_number, check_pair, check_tensor
+from visionops.ops._autograd import refuse_double_backward
 
 _ops = torch.ops.visionops
 BoxesType = Union[Tensor, List[Tensor]]
@@ -202,15 +203,7 @@ def _roi_pool_backward(ctx, grad):
     return (_ops._roi_pool_backward(grad, input, rois, *ctx.args),) + (None,) * 4
 
 
-def no_double_backward(op: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"visionops: double backward of {op} is not supported")
-
-    return backward
-
-
 torch.library.register_autograd("visionops::roi_align", _roi_align_backward, setup_context=_roi_align_setup)
 torch.library.register_autograd("visionops::roi_pool", _roi_pool_backward, setup_context=_roi_pool_setup)
-for _name in ("_roi_align_backward", "_roi_pool_backward"):
-    torch.library.register_autograd(f"visionops::{_name}", no_double_backward(_name.strip("_").replace("_backward", "")),
-                                    setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward("visionops::_roi_align_backward", "roi_align")
+refuse_double_backward("visionops::_roi_pool_backward", "roi_pool")

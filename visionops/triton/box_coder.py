@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from visionops.ops._autograd import refuse_double_backward
 from visionops.triton._math import div_rn
 
 _BLOCK = 256
@@ -218,6 +219,7 @@ def _decode_backward(ctx, grad):
 
 
 triton_decode_boxes.register_autograd(_decode_backward, setup_context=_decode_setup_context)
+refuse_double_backward(triton_decode_boxes_backward, "decode_boxes")
 
 
 @torch.library.custom_op("visionops::triton_encode_boxes", mutates_args=())

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from visionops.ops._autograd import refuse_double_backward
 from visionops.triton._math import div_rn
 
 BLOCK = 64  # boxes per tile = bits per mask word
@@ -299,6 +300,7 @@ def _backward(ctx, grad):
 
 
 triton_box_iou.register_autograd(_backward, setup_context=_setup)
+refuse_double_backward(triton_box_iou_backward, "box_iou")
 
 
 def compile_specs():

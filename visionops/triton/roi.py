@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from visionops.ops._autograd import refuse_double_backward
 from visionops.triton._math import div_rn
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -308,14 +309,10 @@ def _pool_backward(ctx, grad):
     return (triton_roi_pool_backward(grad, input, rois, *ctx.args),) + (None,) * 4
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("visionops: double backward of triton roi ops is not supported")
-
-
 triton_roi_align.register_autograd(_align_backward, setup_context=_align_setup)
 triton_roi_pool.register_autograd(_pool_backward, setup_context=_pool_setup)
-for _op in (triton_roi_align_backward, triton_roi_pool_backward):
-    _op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(triton_roi_align_backward, "roi_align")
+refuse_double_backward(triton_roi_pool_backward, "roi_pool")
 
 
 def compile_specs():
