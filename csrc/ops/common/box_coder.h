@@ -195,6 +195,25 @@ VISIONOPS_HOST_DEVICE inline void decode_box_backward(const T* a, const T* d, co
   ga[3] += g_h;
 }
 
+// Backward for anchor i and its k deltas (rows i*k .. i*k+k-1 of 4 values): writes their delta gradients and the
+// anchor's gradient, summed over its k deltas (one owner per anchor: no atomics). S: the stored dtype.
+template <typename T, typename S>
+VISIONOPS_HOST_DEVICE inline void decode_anchor_backward(int64_t i, int64_t k, const S* anchors, const S* deltas,
+                                                         const S* grad, const BoxCoderParams<T>& p, S* grad_deltas,
+                                                         S* grad_anchors) {
+  const T a[4] = {T(anchors[4 * i]), T(anchors[4 * i + 1]), T(anchors[4 * i + 2]), T(anchors[4 * i + 3])};
+  T acc[4] = {0, 0, 0, 0};
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t o = 4 * (i * k + j);
+    const T d[4] = {T(deltas[o]), T(deltas[o + 1]), T(deltas[o + 2]), T(deltas[o + 3])};
+    const T g[4] = {T(grad[o]), T(grad[o + 1]), T(grad[o + 2]), T(grad[o + 3])};
+    T gd[4];
+    decode_box_backward(a, d, p, g, gd, acc);
+    for (int c = 0; c < 4; ++c) grad_deltas[o + c] = static_cast<S>(gd[c]);
+  }
+  for (int c = 0; c < 4; ++c) grad_anchors[4 * i + c] = static_cast<S>(acc[c]);
+}
+
 // Encodes reference (ground-truth) box r[4] against proposal q[4] into out[4] = (dx, dy, dw, dh).
 template <typename T>
 VISIONOPS_HOST_DEVICE inline void encode_box(const T* r, const T* q, const BoxCoderParams<T>& p, T* out) {

@@ -99,19 +99,7 @@ std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_kernel(const at::Tensor
     const scalar_t *gp = g.data_ptr<scalar_t>(), *dp = d.data_ptr<scalar_t>(), *ap = a.data_ptr<scalar_t>();
     scalar_t *gdp = gd.data_ptr<scalar_t>(), *gap = ga.data_ptr<scalar_t>();
     at::parallel_for(0, n, std::max<int64_t>(1, kGrain / k), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const T av[4] = {T(ap[4 * i]), T(ap[4 * i + 1]), T(ap[4 * i + 2]), T(ap[4 * i + 3])};
-        T acc[4] = {0, 0, 0, 0};
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t o = 4 * (i * k + j);
-          const T dv[4] = {T(dp[o]), T(dp[o + 1]), T(dp[o + 2]), T(dp[o + 3])};
-          const T gv[4] = {T(gp[o]), T(gp[o + 1]), T(gp[o + 2]), T(gp[o + 3])};
-          T gdv[4];
-          decode_box_backward(av, dv, p, gv, gdv, acc);
-          for (int c = 0; c < 4; ++c) gdp[o + c] = static_cast<scalar_t>(gdv[c]);
-        }
-        for (int c = 0; c < 4; ++c) gap[4 * i + c] = static_cast<scalar_t>(acc[c]);
-      }
+      for (int64_t i = begin; i < end; ++i) decode_anchor_backward(i, k, ap, dp, gp, p, gdp, gap);
     });
   });
   return {gd, ga};

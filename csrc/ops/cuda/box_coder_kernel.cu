@@ -48,20 +48,7 @@ __global__ void decode_boxes_backward_kernel_impl(const scalar_t* __restrict__ g
                                                   const BoxCoderParams<at::opmath_type<scalar_t>> p,
                                                   scalar_t* __restrict__ grad_deltas,
                                                   scalar_t* __restrict__ grad_anchors) {
-  using T = at::opmath_type<scalar_t>;
-  VISIONOPS_GRID_LOOP(i, n) {
-    const T a[4] = {T(anchors[4 * i]), T(anchors[4 * i + 1]), T(anchors[4 * i + 2]), T(anchors[4 * i + 3])};
-    T acc[4] = {0, 0, 0, 0};
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t o = 4 * (i * k + j);
-      const T d[4] = {T(deltas[o]), T(deltas[o + 1]), T(deltas[o + 2]), T(deltas[o + 3])};
-      const T g[4] = {T(grad[o]), T(grad[o + 1]), T(grad[o + 2]), T(grad[o + 3])};
-      T gd[4];
-      decode_box_backward(a, d, p, g, gd, acc);
-      for (int c = 0; c < 4; ++c) grad_deltas[o + c] = static_cast<scalar_t>(gd[c]);
-    }
-    for (int c = 0; c < 4; ++c) grad_anchors[4 * i + c] = static_cast<scalar_t>(acc[c]);
-  }
+  VISIONOPS_GRID_LOOP(i, n) decode_anchor_backward(i, k, anchors, deltas, grad, p, grad_deltas, grad_anchors);
 }
 
 template <typename scalar_t>
