@@ -90,6 +90,19 @@ def test_ties_nan_and_all_negative_bins():
     torch.testing.assert_close(g, gt)  # ties: the first maximum; NaN never wins; nothing above -FLT_MAX: no grad
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_bin_edge_is_divided_not_multiplied_by_reciprocal(device):
+    # A RoI 3 cells wide pooled to 5: bin = 3 / 5 and bin 4 ends at ceil(5 * 0.6) = 3. CUDA's tensor / number
+    # computes 3 * (1 / 5) = 0.6000000000000001 instead, which ends the bin at cell 4 (the reference backend did).
+    x = torch.arange(8, dtype=torch.float64, device=device).reshape(1, 1, 1, 8)
+    rois = torch.tensor([[0, 0.0, 0.0, 2.0, 0.0]], dtype=torch.float64, device=device)
+    expect = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0], dtype=torch.float64)
+    for backend in backends_for(device):
+        out = visionops.roi_pool(x, rois, (1, 5), backend=backend)
+        torch.testing.assert_close(out.flatten().cpu(), expect, atol=0, rtol=0)
+        torch.testing.assert_close(out, torchvision.ops.roi_pool(x, rois, (1, 5)))
+
+
 def test_boxes_list_form_modules_empty():
     x, rois = make_case(4, k=10)
     per_image = [rois[rois[:, 0] == i, 1:] for i in range(2)]

@@ -33,6 +33,12 @@ def _opmath(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _div(a: Tensor, b) -> Tensor:
+    """a / b rounded once on every device. (On CUDA, ``tensor / python_number`` is computed as ``a * (1 / b)``,
+    an ulp off: enough to move a RoIPool bin edge across a cell, e.g. 5 * (3 * 0.2) = 3.0000000000000004.)"""
+    return a / torch.tensor(b, dtype=a.dtype, device=a.device)
+
+
 def _batch_index(v: float, batch: int, k: int) -> int:
     b = int(v) if math.isfinite(v) else -1
     if not 0 <= b < batch:
@@ -43,7 +49,7 @@ def _batch_index(v: float, batch: int, k: int) -> int:
 def _grid(sampling_ratio: int, size: Tensor, pooled: int) -> int:
     if sampling_ratio > 0:
         return sampling_ratio
-    q = float(size / pooled)
+    q = float(_div(size, pooled))
     if not math.isfinite(q):  # NaN or infinite RoI: no samples
         return 0
     return min(max(math.ceil(q), 0), _MAX_GRID)
@@ -77,7 +83,7 @@ def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: 
         rw, rh = ew - sw, eh - sh
         if not aligned:
             rw, rh = torch.where(rw < 1, torch.ones_like(rw), rw), torch.where(rh < 1, torch.ones_like(rh), rh)
-        bh, bw = rh / pooled_height, rw / pooled_width
+        bh, bw = _div(rh, pooled_height), _div(rw, pooled_width)
         gh, gw = _grid(sampling_ratio, rh, pooled_height), _grid(sampling_ratio, rw, pooled_width)
         count = max(gh * gw, 1)
         if gh == 0 or gw == 0:
@@ -85,10 +91,10 @@ def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: 
             continue
         ph = torch.arange(pooled_height, dtype=x.dtype, device=x.device)[:, None]
         iy = torch.arange(gh, dtype=x.dtype, device=x.device)[None, :]
-        ys = (sh + ph * bh + (iy + 0.5) * bh / gh).flatten()  # [PH * gh]
+        ys = (sh + ph * bh + _div((iy + 0.5) * bh, gh)).flatten()  # [PH * gh]
         pw = torch.arange(pooled_width, dtype=x.dtype, device=x.device)[:, None]
         ix = torch.arange(gw, dtype=x.dtype, device=x.device)[None, :]
-        xs = (sw + pw * bw + (ix + 0.5) * bw / gw).flatten()  # [PW * gw]
+        xs = (sw + pw * bw + _div((ix + 0.5) * bw, gw)).flatten()  # [PW * gw]
         ylo, yhi, hy, ly, vy = _axis_taps(ys, H)
         xlo, xhi, hx, lx, vx = _axis_taps(xs, W)
         f = x[b]
@@ -98,7 +104,8 @@ def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: 
             return f[:, yi[:, None], xi[None, :]] * (wy[:, None] * wx[None, :] * valid)
 
         v = tap(ylo, xlo, hy, hx) + tap(ylo, xhi, hy, lx) + tap(yhi, xlo, ly, hx) + tap(yhi, xhi, ly, lx)
-        v = v.reshape(C, pooled_height, gh, pooled_width, gw).sum((2, 4)) / count
+        v = v.reshape(C, pooled_height, gh, pooled_width, gw).sum((2, 4))
+        v = _div(v, count)
         outs.append(v)
     if not outs:  # still part of the graph, so an empty result can be backpropagated
         return (x.new_zeros(0, C, pooled_height, pooled_width) + 0 * x.sum()).to(input.dtype)
@@ -125,8 +132,8 @@ def roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: i
             return int(math.copysign(min(math.floor(a + 0.5), lim) if a < lim else lim, float(v)))
 
         x1, y1, x2, y2 = (cround(v) for v in c)
-        bh = torch.tensor(max(y2 - y1 + 1, 1), dtype=x.dtype, device=x.device) / pooled_height
-        bw = torch.tensor(max(x2 - x1 + 1, 1), dtype=x.dtype, device=x.device) / pooled_width
+        bh = _div(torch.tensor(max(y2 - y1 + 1, 1), dtype=x.dtype, device=x.device), pooled_height)
+        bw = _div(torch.tensor(max(x2 - x1 + 1, 1), dtype=x.dtype, device=x.device), pooled_width)
 
         def bounds(start, bin_, pooled, size):
             p = torch.arange(pooled, dtype=x.dtype, device=x.device)
