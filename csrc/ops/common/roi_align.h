@@ -26,6 +26,9 @@ struct RoIAlignGeom {
 // infinite or huge RoI; here a non-finite size gives no samples (zeros) and a huge one is capped.
 constexpr int64_t kMaxRoIAlignGrid = 1 << 16;
 
+// Cells per axis up to which a bin's weights are merged separably (roi_align_bin_axis); wider bins go per sample.
+constexpr int kRoIAlignBinSpan = 4;
+
 template <typename T>
 VISIONOPS_HOST_DEVICE inline int64_t roi_align_grid(int sampling_ratio, T size, int64_t pooled) {
   if (sampling_ratio > 0) return sampling_ratio;
@@ -82,6 +85,47 @@ VISIONOPS_HOST_DEVICE inline bool bilinear_axis(T v, int64_t size, int64_t& lo, 
   }
   w_hi = v - static_cast<T>(lo);
   w_lo = T(1) - w_hi;
+  return true;
+}
+
+// Summed bilinear weights of one bin along one axis. The samples of a bin form a grid_h x grid_w lattice and a
+// sample is valid when both its coordinates are, so the weight a bin gives cell (y, x) is separable:
+// sum_iy sum_ix w(iy, y) w(ix, x) = wy[y] * wx[x]. Bins are small (a fraction of a cell to a few cells), so the
+// cells they touch per axis are few: a kernel does (cells_y x cells_x) loads or atomics instead of 4 per sample.
+// On return w[j] is the weight of cell first + j (0 for cells no sample touches; every cell with a weight is in
+// [0, size)). Returns false, leaving w unspecified, when the samples touch kSpan cells or more: use the per-sample
+// path (bilinear_taps) then.
+template <int kSpan, typename T>
+VISIONOPS_HOST_DEVICE inline bool roi_align_bin_axis(T start, T bin, int64_t p, int64_t grid, int64_t size,
+                                                     int64_t& first, T (&w)[kSpan]) {
+  int64_t lo_min = size, hi_max = -1;
+  for (int64_t i = 0; i < grid; ++i) {
+    int64_t lo, hi;
+    T wl, wh;
+    if (!bilinear_axis(roi_align_sample(start, bin, p, i, grid), size, lo, hi, wl, wh)) continue;
+    lo_min = lo < lo_min ? lo : lo_min;
+    hi_max = hi > hi_max ? hi : hi_max;
+    if (hi_max - lo_min >= kSpan) return false;
+  }
+  first = lo_min;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kSpan; ++j) w[j] = T(0);
+  if (hi_max < 0) return true;  // no valid sample
+  for (int64_t i = 0; i < grid; ++i) {
+    int64_t lo, hi;
+    T wl, wh;
+    if (!bilinear_axis(roi_align_sample(start, bin, p, i, grid), size, lo, hi, wl, wh)) continue;
+    // Unrolled selects instead of w[lo - first]: the array stays in registers on the GPU.
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < kSpan; ++j) {
+      if (first + j == lo) w[j] += wl;
+      if (first + j == hi) w[j] += wh;
+    }
+  }
   return true;
 }
 

@@ -2,7 +2,8 @@
 //
 // torchvision's CPU kernels are serial, walk NCHW one channel at a time and scatter the backward one output
 // element at a time. Here:
-// * each RoI's bilinear taps are computed once and merged per bin (neighbouring samples often share taps), then
+// * each RoI's bilinear taps are computed once and merged per bin (separably for bins a few cells wide, see
+//   roi_align_bin_axis; by a bounded scan otherwise), then
 //   applied to all channels at once on a channels-last view of the features, so the inner loop is a contiguous
 //   multiply-add over C (a channels_last input is read in place; an NCHW one is transposed once);
 // * the forward runs in parallel over RoIs; the backward over (level, image, block of channels): every task owns a
@@ -49,6 +50,22 @@ void roi_align_taps(const T* roi, T scale, int64_t H, int64_t W, int64_t PH, int
   for (int64_t ph = 0; ph < PH; ++ph) {
     for (int64_t pw = 0; pw < PW; ++pw) {
       const size_t first = t.pos.size();
+      int64_t fy, fx;
+      T wy[kRoIAlignBinSpan], wx[kRoIAlignBinSpan];
+      if (roi_align_bin_axis(g.start_h, g.bin_h, ph, g.grid_h, H, fy, wy) &&
+          roi_align_bin_axis(g.start_w, g.bin_w, pw, g.grid_w, W, fx, wx)) {
+        // A small bin (the common case): its merged taps are the products of the per-axis weights.
+        for (int a = 0; a < kRoIAlignBinSpan; ++a) {
+          for (int b = 0; b < kRoIAlignBinSpan; ++b) {
+            const T w = wy[a] * wx[b];
+            if (w == T(0)) continue;
+            t.pos.push_back((fy + a) * W + fx + b);
+            t.w.push_back(w * inv_count);
+          }
+        }
+        t.off[ph * PW + pw + 1] = static_cast<int64_t>(t.pos.size());
+        continue;
+      }
       for (int64_t iy = 0; iy < g.grid_h; ++iy) {
         const T y = roi_align_sample(g.start_h, g.bin_h, ph, iy, g.grid_h);
         for (int64_t ix = 0; ix < g.grid_w; ++ix) {

@@ -18,25 +18,18 @@
 #include <torch/library.h>
 
 #include "ops/common/roi_pool.h"
+#include "ops/cuda/launch.cuh"
 #include "ops/cuda/roi_fixed_point.cuh"
 
 namespace visionops {
 namespace {
 
-constexpr int kThreads = 256;
-
-struct Strides4 {
-  int64_t n, c, h, w;
-};
-
-inline Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
 // Max and argmax (h * W + w; -1 when nothing beats the initial value or the bin is empty) of element idx's bin.
-template <typename scalar_t, typename T>
-__device__ inline T bin_max(const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois, int64_t idx,
-                            int64_t B, int64_t C, int64_t H, int64_t W, T scale, int64_t PH, int64_t PW,
-                            int64_t& batch, int64_t& arg) {
-  const int64_t pw = idx % PW, ph = (idx / PW) % PH, c = (idx / (PW * PH)) % C, k = idx / (PW * PH * C);
+template <typename scalar_t, typename T, typename index_t>
+__device__ inline T bin_max(const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
+                            const Unravel<index_t>& u, int64_t B, int64_t H, int64_t W, T scale, int64_t PH,
+                            int64_t PW, int64_t& batch, int64_t& arg) {
+  const int64_t pw = u.pw, ph = u.ph, c = u.c, k = u.k;
   const RoIPoolGeom<T> g = roi_pool_geom<T>(rois + 5 * k, scale, PH, PW);
   batch = g.batch;
   arg = -1;
@@ -58,29 +51,30 @@ __device__ inline T bin_max(const scalar_t* __restrict__ x, Strides4 sx, const T
   return best;
 }
 
-template <typename scalar_t, typename T>
+template <typename scalar_t, typename T, typename index_t>
 __global__ void roi_pool_forward_kernel_impl(const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
-                                             int64_t n, int64_t B, int64_t C, int64_t H, int64_t W, T scale,
-                                             int64_t PH, int64_t PW, scalar_t* __restrict__ out) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+                                             index_t n, int64_t B, index_t C, int64_t H, int64_t W, T scale,
+                                             index_t PH, index_t PW, scalar_t* __restrict__ out) {
+  const index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n) return;
   int64_t batch, arg;
-  out[idx] = static_cast<scalar_t>(bin_max(x, sx, rois, idx, B, C, H, W, scale, PH, PW, batch, arg));
+  const Unravel<index_t> u(idx, C, PH, PW);
+  out[idx] = static_cast<scalar_t>(bin_max(x, sx, rois, u, B, H, W, scale, PH, PW, batch, arg));
 }
 
-template <typename scalar_t, typename T, bool kDeterministic>
+template <typename scalar_t, typename T, typename index_t, bool kDeterministic>
 __global__ void roi_pool_backward_kernel_impl(const scalar_t* __restrict__ grad, Strides4 sg,
                                               const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
-                                              int64_t n, int64_t B, int64_t C, int64_t H, int64_t W, T scale,
-                                              int64_t PH, int64_t PW, T* __restrict__ gin, FixedPointSum fp) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+                                              index_t n, int64_t B, index_t C, int64_t H, int64_t W, T scale,
+                                              index_t PH, index_t PW, T* __restrict__ gin, FixedPointSum fp) {
+  const index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n) return;
   int64_t batch, arg;
-  bin_max(x, sx, rois, idx, B, C, H, W, scale, PH, PW, batch, arg);
+  const Unravel<index_t> u(idx, C, PH, PW);
+  bin_max(x, sx, rois, u, B, H, W, scale, PH, PW, batch, arg);
   if (arg < 0) return;
-  const int64_t pw = idx % PW, ph = (idx / PW) % PH, c = (idx / (PW * PH)) % C, k = idx / (PW * PH * C);
-  const T go = static_cast<T>(grad[k * sg.n + c * sg.c + ph * sg.h + pw * sg.w]);
-  const int64_t dst = (batch * C + c) * H * W + arg;
+  const T go = static_cast<T>(grad[u.k * sg.n + u.c * sg.c + u.ph * sg.h + u.pw * sg.w]);
+  const int64_t dst = (batch * C + u.c) * H * W + arg;
   if constexpr (kDeterministic) fp.add(dst, static_cast<double>(go), fp.scale());
   else atomicAdd(gin + dst, go);
 }
@@ -105,11 +99,15 @@ at::Tensor roi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& ro
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_forward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
-    roi_pool_forward_kernel_impl<scalar_t, T>
-        <<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            input.data_ptr<scalar_t>(), strides_of(input), rois.data_ptr<T>(), n, B, C, H, W,
-            static_cast<T>(spatial_scale), pooled_height, pooled_width, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(n, [&](auto index) {
+      using index_t = decltype(index);
+      roi_pool_forward_kernel_impl<scalar_t, T, index_t>
+          <<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              input.data_ptr<scalar_t>(), strides_of(input), rois.data_ptr<T>(), static_cast<index_t>(n), B,
+              static_cast<index_t>(C), H, W, static_cast<T>(spatial_scale), static_cast<index_t>(pooled_height),
+              static_cast<index_t>(pooled_width), out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }
@@ -127,7 +125,7 @@ at::Tensor roi_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& in
   at::Tensor gin = at::zeros(input.sizes(), grad.options());
   const int64_t n = grad.numel();
   if (n == 0 || gin.numel() == 0) return gin;
-  const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
+  const unsigned blocks = blocks_for(n);
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -136,18 +134,27 @@ at::Tensor roi_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& in
     if (deterministic) {
       FixedPointBuffers buf(grad, input.sizes());
       const FixedPointSum s = buf.sum(static_cast<double>(K) * pooled_height * pooled_width);
-      roi_pool_backward_kernel_impl<scalar_t, T, true><<<blocks, kThreads, 0, stream>>>(
-          grad.data_ptr<scalar_t>(), strides_of(grad), input.data_ptr<scalar_t>(), strides_of(input),
-          rois.data_ptr<T>(), n, B, C, H, W, scale, pooled_height, pooled_width, nullptr, s);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_type(n, [&](auto index) {
+        using index_t = decltype(index);
+        roi_pool_backward_kernel_impl<scalar_t, T, index_t, true><<<blocks, kThreads, 0, stream>>>(
+            grad.data_ptr<scalar_t>(), strides_of(grad), input.data_ptr<scalar_t>(), strides_of(input),
+            rois.data_ptr<T>(), static_cast<index_t>(n), B, static_cast<index_t>(C), H, W, scale,
+            static_cast<index_t>(pooled_height), static_cast<index_t>(pooled_width), nullptr, s);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
       buf.finish<scalar_t>(s, gin, stream);
       return;
     }
     at::Tensor acc = std::is_same_v<T, scalar_t> ? gin : at::zeros(input.sizes(), grad.options().dtype(c10::CppTypeToScalarType<T>::value));
-    roi_pool_backward_kernel_impl<scalar_t, T, false><<<blocks, kThreads, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), strides_of(grad), input.data_ptr<scalar_t>(), strides_of(input),
-        rois.data_ptr<T>(), n, B, C, H, W, scale, pooled_height, pooled_width, acc.data_ptr<T>(), FixedPointSum{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(n, [&](auto index) {
+      using index_t = decltype(index);
+      roi_pool_backward_kernel_impl<scalar_t, T, index_t, false><<<blocks, kThreads, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), strides_of(grad), input.data_ptr<scalar_t>(), strides_of(input),
+          rois.data_ptr<T>(), static_cast<index_t>(n), B, static_cast<index_t>(C), H, W, scale,
+          static_cast<index_t>(pooled_height), static_cast<index_t>(pooled_width), acc.data_ptr<T>(),
+          FixedPointSum{});
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     if (!std::is_same_v<T, scalar_t>) gin.copy_(acc);
   });
   return gin;
