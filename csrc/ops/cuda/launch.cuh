@@ -17,10 +17,11 @@ struct Strides4 {
 
 inline Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-// Runs body(index_t{}) with index_t = int32_t when every element index fits (n < 2^31), int64_t otherwise.
+// Runs body(index_t{}) with index_t = int32_t when every thread index of blocks_for(n) blocks fits (the last
+// block runs past n), int64_t otherwise.
 template <typename F>
 void with_index_type(int64_t n, F&& body) {
-  if (n <= std::numeric_limits<int32_t>::max()) body(int32_t{});
+  if (n <= std::numeric_limits<int32_t>::max() - kThreads) body(int32_t{});
   else body(int64_t{});
 }
 
