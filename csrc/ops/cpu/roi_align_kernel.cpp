@@ -2,9 +2,8 @@
 //
 // torchvision's CPU kernels are serial, walk NCHW one channel at a time and scatter the backward one output
 // element at a time. Here:
-// * each RoI's bilinear taps are computed once and merged per bin (separably for bins a few cells wide, see
-//   roi_align_bin_axis; by a bounded scan otherwise), then
-//   applied to all channels at once on a channels-last view of the features, so the inner loop is a contiguous
+// * each RoI's bilinear taps are computed once and merged per bin (roi_align_bin_taps, shared with the CUDA
+//   kernels), then applied to all channels at once on a channels-last view of the features, so the inner loop is a contiguous
 //   multiply-add over C (a channels_last input is read in place; an NCHW one is transposed once);
 // * the forward runs in parallel over RoIs; the backward over (level, image, block of channels): every task owns a
 //   slice of grad_input and visits that image's RoIs in index order, so there is no race and the summation order of
@@ -50,51 +49,20 @@ void roi_align_taps(const T* roi, T scale, int64_t H, int64_t W, int64_t PH, int
   for (int64_t ph = 0; ph < PH; ++ph) {
     for (int64_t pw = 0; pw < PW; ++pw) {
       const size_t first = t.pos.size();
-      int64_t fy, fx;
-      T wy[kRoIAlignBinSpan], wx[kRoIAlignBinSpan];
-      if (roi_align_bin_axis(g.start_h, g.bin_h, ph, g.grid_h, H, fy, wy) &&
-          roi_align_bin_axis(g.start_w, g.bin_w, pw, g.grid_w, W, fx, wx)) {
-        // A small bin (the common case): its merged taps are the products of the per-axis weights.
-        for (int a = 0; a < kRoIAlignBinSpan; ++a) {
-          for (int b = 0; b < kRoIAlignBinSpan; ++b) {
-            const T w = wy[a] * wx[b];
-            if (w == T(0)) continue;
-            t.pos.push_back((fy + a) * W + fx + b);
-            t.w.push_back(w * inv_count);
+      roi_align_bin_taps(g, ph, pw, H, W, [&](int64_t y, int64_t x, T w) {
+        const int64_t pos = y * W + x;
+        // A wide bin passes a cell once per sample touching it: merge with an earlier tap of this bin. The scan is
+        // bounded so huge adaptive grids stay linear.
+        const size_t scan_from = t.pos.size() - first > 64 ? t.pos.size() - 64 : first;
+        for (size_t q = scan_from; q < t.pos.size(); ++q) {
+          if (t.pos[q] == pos) {
+            t.w[q] += w * inv_count;
+            return;
           }
         }
-        t.off[ph * PW + pw + 1] = static_cast<int64_t>(t.pos.size());
-        continue;
-      }
-      for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-        const T y = roi_align_sample(g.start_h, g.bin_h, ph, iy, g.grid_h);
-        for (int64_t ix = 0; ix < g.grid_w; ++ix) {
-          const T x = roi_align_sample(g.start_w, g.bin_w, pw, ix, g.grid_w);
-          int64_t pos[4];
-          T w[4];
-          if (!bilinear_taps(y, x, H, W, pos, w)) continue;
-          for (int j = 0; j < 4; ++j) {
-            if (w[j] == T(0)) continue;  // clamped axis: half the taps carry no weight
-            const T wj = w[j] * inv_count;
-            // Merge with an earlier tap of this bin: samples a fraction of a cell apart share taps. The scan is
-            // bounded so huge adaptive grids stay linear.
-            size_t e = t.pos.size();
-            const size_t scan_from = t.pos.size() - first > 64 ? t.pos.size() - 64 : first;
-            for (size_t q = scan_from; q < t.pos.size(); ++q) {
-              if (t.pos[q] == pos[j]) {
-                e = q;
-                break;
-              }
-            }
-            if (e == t.pos.size()) {
-              t.pos.push_back(pos[j]);
-              t.w.push_back(wj);
-            } else {
-              t.w[e] += wj;
-            }
-          }
-        }
-      }
+        t.pos.push_back(pos);
+        t.w.push_back(w * inv_count);
+      });
       t.off[ph * PW + pw + 1] = static_cast<int64_t>(t.pos.size());
     }
   }

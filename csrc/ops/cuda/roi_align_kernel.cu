@@ -61,37 +61,8 @@ __global__ void roi_align_forward_kernel_impl(Levels<scalar_t, T> L, const T* __
     count = g.count;
     if (g.batch >= 0 && g.batch < L.B[l]) {
       const scalar_t* xp = L.x[l] + g.batch * sx.n + c * sx.c;
-      int64_t fy, fx;
-      T wy[kRoIAlignBinSpan], wx[kRoIAlignBinSpan];
-      if (roi_align_bin_axis(g.start_h, g.bin_h, ph, g.grid_h, H, fy, wy) &&
-          roi_align_bin_axis(g.start_w, g.bin_w, pw, g.grid_w, W, fx, wx)) {
-        // A small bin: (cells_y x cells_x) loads with the separable weights instead of 4 per sample.
-#pragma unroll
-        for (int a = 0; a < kRoIAlignBinSpan; ++a) {
-          if (wy[a] == T(0)) continue;
-          const scalar_t* row = xp + (fy + a) * sx.h + fx * sx.w;
-          T r = 0;
-#pragma unroll
-          for (int b = 0; b < kRoIAlignBinSpan; ++b)
-            if (wx[b] != T(0)) r += wx[b] * static_cast<T>(row[b * sx.w]);
-          acc += wy[a] * r;
-        }
-      } else {
-        for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-          int64_t ylo, yhi;
-          T hy, ly;
-          if (!bilinear_axis(roi_align_sample(g.start_h, g.bin_h, ph, iy, g.grid_h), H, ylo, yhi, hy, ly)) continue;
-          for (int64_t ix = 0; ix < g.grid_w; ++ix) {
-            int64_t xlo, xhi;
-            T hx, lx;
-            if (!bilinear_axis(roi_align_sample(g.start_w, g.bin_w, pw, ix, g.grid_w), W, xlo, xhi, hx, lx)) continue;
-            acc += hy * hx * static_cast<T>(xp[ylo * sx.h + xlo * sx.w]) +
-                   hy * lx * static_cast<T>(xp[ylo * sx.h + xhi * sx.w]) +
-                   ly * hx * static_cast<T>(xp[yhi * sx.h + xlo * sx.w]) +
-                   ly * lx * static_cast<T>(xp[yhi * sx.h + xhi * sx.w]);
-          }
-        }
-      }
+      roi_align_bin_taps(g, ph, pw, H, W,
+                         [&](int64_t y, int64_t x, T w) { acc += w * static_cast<T>(xp[y * sx.h + x * sx.w]); });
     }
   }
   out[idx] = static_cast<scalar_t>(acc / count);
@@ -120,35 +91,11 @@ __global__ void roi_align_backward_kernel_impl(const scalar_t* __restrict__ grad
   const T count = static_cast<T>(g.grid_h * g.grid_w);
   double fp_scale = 0;
   if constexpr (kDeterministic) fp_scale = fp.scale();
-  auto add = [&](int64_t pos, T w) {
+  roi_align_bin_taps(g, ph, pw, H, W, [&](int64_t y, int64_t x, T w) {
     const T v = go * w / count;
-    if constexpr (kDeterministic) fp.add(base + pos, static_cast<double>(v), fp_scale);
-    else atomicAdd(gin + base + pos, v);
-  };
-  int64_t fy, fx;
-  T wy[kRoIAlignBinSpan], wx[kRoIAlignBinSpan];
-  if (roi_align_bin_axis(g.start_h, g.bin_h, ph, g.grid_h, H, fy, wy) &&
-      roi_align_bin_axis(g.start_w, g.bin_w, pw, g.grid_w, W, fx, wx)) {
-#pragma unroll
-    for (int a = 0; a < kRoIAlignBinSpan; ++a) {
-#pragma unroll
-      for (int b = 0; b < kRoIAlignBinSpan; ++b) {
-        const T w = wy[a] * wx[b];
-        if (w != T(0)) add((fy + a) * W + fx + b, w);
-      }
-    }
-    return;
-  }
-  for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-    const T y = roi_align_sample(g.start_h, g.bin_h, ph, iy, g.grid_h);
-    for (int64_t ix = 0; ix < g.grid_w; ++ix) {
-      const T x = roi_align_sample(g.start_w, g.bin_w, pw, ix, g.grid_w);
-      int64_t pos[4];
-      T w[4];
-      if (!bilinear_taps(y, x, H, W, pos, w)) continue;
-      for (int j = 0; j < 4; ++j) add(pos[j], w[j]);
-    }
-  }
+    if constexpr (kDeterministic) fp.add(base + y * W + x, static_cast<double>(v), fp_scale);
+    else atomicAdd(gin + base + y * W + x, v);
+  });
 }
 
 void check_common(const at::Tensor& rois, const at::Tensor* levels, int64_t PH, int64_t PW, size_t n_levels,
