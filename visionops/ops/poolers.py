@@ -1,9 +1,10 @@
 """MultiScaleRoIAlign (FPN RoI pooling), as ``torchvision.ops.MultiScaleRoIAlign``.
 
 Each box is assigned a pyramid level with torchvision's LevelMapper (FPN paper eq. 1, canonical size 224 at
-level 4), then every box is pooled from its level by one ``visionops::multi_scale_roi_align`` kernel over all levels,
-instead of torchvision's Python loop of a where/index/roi_align/index_put per level. Gradients flow to the
-features only. ``backend="reference"`` (and ``"triton"``) keep torchvision's per-level loop.
+level 4), then every box is pooled from its level by one kernel launch over all levels
+(``visionops::multi_scale_roi_align``, or ``visionops::triton_multi_scale_roi_align`` with ``backend="triton"``;
+backward likewise one launch), instead of torchvision's Python loop of a where/index/roi_align/index_put per level.
+Gradients flow to the features only. ``backend="reference"``, and more than 8 levels, keep torchvision's loop.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -16,7 +17,13 @@ from visionops.ops.roi import check_rois, roi_align
 from visionops.ops._autograd import refuse_double_backward
 
 _ops = torch.ops.visionops
-_MAX_KERNEL_LEVELS = 8  # levels one CUDA launch takes (csrc/ops/cuda/roi_align_kernel.cu)
+_MAX_KERNEL_LEVELS = 8  # levels one launch takes (csrc/ops/cuda/roi_align_kernel.cu, visionops/triton/roi.py)
+
+
+def _triton():
+    import visionops.triton.poolers as triton_poolers  # imported on first use: needs the triton package
+
+    return triton_poolers
 
 
 def _infer_scale(feature: Tensor, original_size: Tuple[int, int]) -> float:
@@ -72,9 +79,10 @@ def multi_scale_roi_align(features: List[Tensor], boxes: List[Tensor], output_si
         return roi_align(features[0], rois, (ph, pw), scales[0], sr, backend=backend)
     levels = mapper(list(boxes))
     b = resolve("multi_scale_roi_align", backend, features[0].device)
-    if b == "cpp" and len(features) <= _MAX_KERNEL_LEVELS:
-        return _ops.multi_scale_roi_align(list(features), rois, levels, [float(s) for s in scales], ph, pw, sr, False)
-    # torchvision's loop over levels (reference/triton backends, or more levels than one kernel launch takes)
+    if b in ("cpp", "triton") and len(features) <= _MAX_KERNEL_LEVELS:
+        op = _ops.multi_scale_roi_align if b == "cpp" else _triton().triton_multi_scale_roi_align
+        return op(list(features), rois, levels, [float(s) for s in scales], ph, pw, sr, False)
+    # torchvision's loop over levels (reference backend, or more levels than one kernel launch takes)
     result = features[0].new_zeros((rois.shape[0], features[0].shape[1], ph, pw))
     for level, (feature, scale) in enumerate(zip(features, scales)):
         idx = torch.where(levels == level)[0]

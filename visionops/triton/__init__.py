@@ -9,4 +9,4 @@ except ImportError:  # backend="triton" then raises a clear ValueError (visionop
     pass
 else:
     # each module registers its torch.ops.visionops.triton_* ops
-    from visionops.triton import anchors, box_coder, nms, roi  # noqa: F401
+    from visionops.triton import anchors, box_coder, nms, poolers, roi  # noqa: F401

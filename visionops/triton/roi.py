@@ -2,24 +2,44 @@
 
 Same math as visionops/reference/roi.py and csrc/ops/common/roi_{align,pool}.h, evaluated in float32. One program
 per (RoI, bin) and block of channels: the RoI geometry and each sample's taps are scalar work shared by the channel
-block; features are read through their strides, so channels_last input is read in place. Backward kernels add into
-a float32 buffer with atomics (cast to the gradient's dtype afterwards). As on CUDA, a RoI whose batch index is out
-of range yields zeros and no gradient (checking it would need a device sync).
+block; features are read through their strides, so channels_last input is read in place.
+
+The RoIAlign kernels take their feature maps as a tuple of levels (1 for roi_align; up to MAX_LEVELS for
+visionops/triton/poolers.py, MultiScaleRoIAlign in one launch): each RoI reads its level index and picks that
+level's pointer, sizes, strides and scale with a select chain over the levels (`_pick`), as the CUDA kernel indexes
+its level table. Backward kernels scatter into float32 buffers with float atomics (cast to the gradient's dtype
+afterwards) or, under ``torch.use_deterministic_algorithms(True)``, into 64-bit fixed-point sums with integer
+atomics, bit-identical run to run (visionops/triton/_fixed_point.py). As on CUDA, a RoI whose batch index or level
+is out of range yields zeros and no gradient (checking it would need a device sync).
 
 RoIPool keeps no argmax: the backward finds each bin's maximum again with the forward's rule (first strict maximum,
 NaN never wins), as the C++ kernels do.
 """
+from typing import List, Optional, Sequence
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from visionops.ops._autograd import refuse_double_backward
+from visionops.triton import _fixed_point
+from visionops.triton._fixed_point import load_scale, scatter_add
 from visionops.triton._math import div_rn
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 BLOCK_C = 64  # channels per program
 MAX_GRID = tl.constexpr(65536)  # adaptive sampling grid cap per axis (csrc/ops/common/roi_align.h)
+MAX_LEVELS = 8  # feature levels one RoIAlign launch takes, as the CUDA kernel (each count compiles a variant)
+
+
+@triton.jit
+def _pick(l, values, NL: tl.constexpr):
+    """values[l] for a level index known only at run time (values[0] when l is out of range: callers mask it)."""
+    v = values[0]
+    for i in tl.static_range(1, NL):
+        v = tl.where(l == i, values[i], v)
+    return v
 
 
 @triton.jit
@@ -61,16 +81,19 @@ def _axis(v, size):
 
 
 @triton.jit
-def _roi_align_fwd_kernel(x_ptr, rois_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW,
-                          sampling_ratio, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
+def _roi_align_fwd_kernel(levels, rois_ptr, lvl_ptr, out_ptr, C, PH, PW, sampling_ratio, NL: tl.constexpr,
+                          ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
+    """levels: (x_ptr, B, H, W, sxb, sxc, sxh, sxw, spatial_scale), each an NL-tuple; lvl_ptr: RoI levels or None."""
     pid = tl.program_id(0)
     k = pid // (PH * PW)
     ph = (pid // PW) % PH
     pw = pid % PW
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
+    l = 0 if lvl_ptr is None else tl.load(lvl_ptr + k)
+    x_ptr, B, H, W, sxb, sxc, sxh, sxw, spatial_scale = [_pick(l, f, NL) for f in levels]
     b, sh, sw, bh, bw, gh, gw = _align_geom(rois_ptr, k, spatial_scale, PH, PW, sampling_ratio, ALIGNED)
-    ok = (b >= 0) & (b < B)
+    ok = (b >= 0) & (b < B) & (l >= 0) & (l < NL)
     base = x_ptr + tl.where(ok, b, 0) * sxb + cs.to(tl.int64) * sxc
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for iy in range(0, gh):
@@ -91,20 +114,26 @@ def _roi_align_fwd_kernel(x_ptr, rois_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, s
 
 
 @triton.jit
-def _roi_align_bwd_kernel(g_ptr, rois_ptr, gin_ptr, B, C, H, W, sgk, sgc, sgh, sgw, spatial_scale, PH, PW,
-                          sampling_ratio, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
+def _roi_align_bwd_kernel(g_ptr, sgk, sgc, sgh, sgw, levels, rois_ptr, lvl_ptr, scale_ptr, C, PH, PW,
+                          sampling_ratio, NL: tl.constexpr, ALIGNED: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """levels: (gin_ptr, flags_ptr, B, H, W, spatial_scale), each an NL-tuple; gin is a contiguous [B, C, H, W]
+    float32 buffer, or the fixed-point sums with their flags when DETERMINISTIC (see _fixed_point.scatter_add)."""
     pid = tl.program_id(0)
     k = pid // (PH * PW)
     ph = (pid // PW) % PH
     pw = pid % PW
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
+    l = 0 if lvl_ptr is None else tl.load(lvl_ptr + k)
+    gin_ptr, flags_ptr, B, H, W, spatial_scale = [_pick(l, f, NL) for f in levels]
     b, sh, sw, bh, bw, gh, gw = _align_geom(rois_ptr, k, spatial_scale, PH, PW, sampling_ratio, ALIGNED)
-    ok = (b >= 0) & (b < B)
+    ok = (b >= 0) & (b < B) & (l >= 0) & (l < NL)
     count = (gh * gw).to(tl.float32)
     g = tl.load(g_ptr + k.to(tl.int64) * sgk + cs * sgc + ph * sgh + pw * sgw, mask=cmask, other=0.0)
     g = g.to(tl.float32)
-    base = gin_ptr + (tl.where(ok, b, 0) * C + cs.to(tl.int64)) * H * W
+    scale = load_scale(scale_ptr, DETERMINISTIC)
+    base = (tl.where(ok, b, 0) * C + cs.to(tl.int64)) * H * W
     for iy in range(0, gh):
         y = sh + ph * bh + div_rn((iy + 0.5) * bh, gh)
         ylo, yhi, hy, ly, vy = _axis(y, H)
@@ -112,10 +141,14 @@ def _roi_align_bwd_kernel(g_ptr, rois_ptr, gin_ptr, B, C, H, W, sgk, sgc, sgh, s
             x = sw + pw * bw + div_rn((ix + 0.5) * bw, gw)
             xlo, xhi, hx, lx, vx = _axis(x, W)
             m = tl.where(vy & vx & ok, cmask, False)  # (block & scalar mask trips the interpreter)
-            tl.atomic_add(base + ylo * W + xlo, div_rn(g * (hy * hx), count), mask=m)
-            tl.atomic_add(base + ylo * W + xhi, div_rn(g * (hy * lx), count), mask=m)
-            tl.atomic_add(base + yhi * W + xlo, div_rn(g * (ly * hx), count), mask=m)
-            tl.atomic_add(base + yhi * W + xhi, div_rn(g * (ly * lx), count), mask=m)
+            scatter_add(gin_ptr, flags_ptr, base + ylo * W + xlo, div_rn(g * (hy * hx), count), m, scale,
+                        DETERMINISTIC)
+            scatter_add(gin_ptr, flags_ptr, base + ylo * W + xhi, div_rn(g * (hy * lx), count), m, scale,
+                        DETERMINISTIC)
+            scatter_add(gin_ptr, flags_ptr, base + yhi * W + xlo, div_rn(g * (ly * hx), count), m, scale,
+                        DETERMINISTIC)
+            scatter_add(gin_ptr, flags_ptr, base + yhi * W + xhi, div_rn(g * (ly * lx), count), m, scale,
+                        DETERMINISTIC)
 
 
 @triton.jit
@@ -183,8 +216,8 @@ def _roi_pool_fwd_kernel(x_ptr, rois_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, sx
 
 
 @triton.jit
-def _roi_pool_bwd_kernel(g_ptr, x_ptr, rois_ptr, gin_ptr, B, C, H, W, sxb, sxc, sxh, sxw, sgk, sgc, sgh, sgw,
-                         spatial_scale, PH, PW, BLOCK_C: tl.constexpr):
+def _roi_pool_bwd_kernel(g_ptr, x_ptr, rois_ptr, gin_ptr, flags_ptr, scale_ptr, B, C, H, W, sxb, sxc, sxh, sxw, sgk,
+                         sgc, sgh, sgw, spatial_scale, PH, PW, DETERMINISTIC: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     k = pid // (PH * PW)
     ph = (pid // PW) % PH
@@ -197,11 +230,12 @@ def _roi_pool_bwd_kernel(g_ptr, x_ptr, rois_ptr, gin_ptr, B, C, H, W, sxb, sxc, 
     bs = tl.where(ok, b, 0)
     best, arg = _pool_max(x_ptr + bs * sxb, cs, cmask, sxc, sxh, sxw, h0, h1, w0, w1, W, BLOCK_C)
     g = tl.load(g_ptr + k.to(tl.int64) * sgk + cs * sgc + ph * sgh + pw * sgw, mask=cmask, other=0.0)
-    dst = gin_ptr + (bs * C + cs.to(tl.int64)) * H * W + tl.maximum(arg, 0)
-    tl.atomic_add(dst, g.to(tl.float32), mask=cmask & (arg >= 0))
+    dst = (bs * C + cs.to(tl.int64)) * H * W + tl.maximum(arg, 0)
+    scatter_add(gin_ptr, flags_ptr, dst, g.to(tl.float32), cmask & (arg >= 0), load_scale(scale_ptr, DETERMINISTIC),
+                DETERMINISTIC)
 
 
-# ---- custom ops ------------------------------------------------------------------------------------------------
+# ---- launchers (shared with visionops/triton/poolers.py) and custom ops ------------------------------------------
 
 
 def _grid(k, ph, pw, c):
@@ -212,31 +246,63 @@ def _rois32(rois: Tensor) -> Tensor:
     return rois.to(torch.float32).contiguous()
 
 
+def align_forward(features: Sequence[Tensor], rois: Tensor, levels: Optional[Tensor], scales: Sequence[float],
+                  ph: int, pw: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoIAlign of each RoI from features[levels[k]] (features[0] without `levels`) in one launch."""
+    f0 = features[0]
+    out = f0.new_empty((rois.shape[0], f0.shape[1], ph, pw))
+    if out.numel() == 0:
+        return out
+    per_level = [(f, f.shape[0], f.shape[2], f.shape[3], *f.stride(), float(s)) for f, s in zip(features, scales)]
+    _roi_align_fwd_kernel[_grid(rois.shape[0], ph, pw, f0.shape[1])](
+        tuple(zip(*per_level)), _rois32(rois), None if levels is None else levels.contiguous(), out, f0.shape[1],
+        ph, pw, sampling_ratio, NL=len(features), ALIGNED=bool(aligned), BLOCK_C=BLOCK_C)
+    return out
+
+
+def _scatter_buffers(grad: Tensor, shapes: Sequence[Sequence[int]], terms: int):
+    """Zeroed destinations of a backward scatter, their flags and the fixed-point scale when deterministic (else
+    float32 buffers, themselves again as the unused flags, and None)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return _fixed_point.buffers(grad, shapes, terms)
+    gins = [torch.zeros(s, dtype=torch.float32, device=grad.device) for s in shapes]
+    return gins, gins, None
+
+
+def _finish(dsts: List[Tensor], flags: List[Tensor], scale: Optional[Tensor], dtype: torch.dtype) -> List[Tensor]:
+    if scale is None:
+        return [d.to(dtype) for d in dsts]
+    return [_fixed_point.finish(q, f, scale, dtype) for q, f in zip(dsts, flags)]
+
+
+def align_backward(grad: Tensor, rois: Tensor, levels: Optional[Tensor], scales: Sequence[float], ph: int, pw: int,
+                   shapes: Sequence[Sequence[int]], sampling_ratio: int, aligned: bool) -> List[Tensor]:
+    """Gradient of `align_forward` for each level (shapes: [B, C, H, W] per level), in grad's dtype."""
+    K, C = rois.shape[0], shapes[0][1]
+    if K == 0 or grad.numel() == 0:
+        return [grad.new_zeros(s) for s in shapes]
+    # Per RoI, one cell receives at most weight 1 from each bin (the bound the CUDA kernel uses).
+    dsts, flags, scale = _scatter_buffers(grad, shapes, K * ph * pw)
+    per_level = [(d, f, s[0], s[2], s[3], float(sc)) for d, f, s, sc in zip(dsts, flags, shapes, scales)]
+    _roi_align_bwd_kernel[_grid(K, ph, pw, C)](
+        grad, *grad.stride(), tuple(zip(*per_level)), _rois32(rois), None if levels is None else levels.contiguous(),
+        scale, C, ph, pw, sampling_ratio, NL=len(shapes), ALIGNED=bool(aligned), DETERMINISTIC=scale is not None,
+        BLOCK_C=BLOCK_C)
+    return _finish(dsts, flags, scale, grad.dtype)
+
+
 @torch.library.custom_op("visionops::triton_roi_align", mutates_args=())
 def triton_roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                      sampling_ratio: int, aligned: bool) -> Tensor:
-    B, C, H, W = input.shape
-    K = rois.shape[0]
-    out = input.new_empty((K, C, pooled_height, pooled_width))
-    if out.numel() == 0:
-        return out
-    _roi_align_fwd_kernel[_grid(K, pooled_height, pooled_width, C)](
-        input, _rois32(rois), out, B, C, H, W, *input.stride(), spatial_scale, pooled_height, pooled_width,
-        sampling_ratio, ALIGNED=bool(aligned), BLOCK_C=BLOCK_C)
-    return out
+    return align_forward([input], rois, None, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned)
 
 
 @torch.library.custom_op("visionops::triton_roi_align_backward", mutates_args=())
 def triton_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                               batch_size: int, channels: int, height: int, width: int, sampling_ratio: int,
                               aligned: bool) -> Tensor:
-    gin = torch.zeros((batch_size, channels, height, width), dtype=torch.float32, device=grad.device)
-    K = rois.shape[0]
-    if K > 0 and gin.numel() > 0:
-        _roi_align_bwd_kernel[_grid(K, pooled_height, pooled_width, channels)](
-            grad, _rois32(rois), gin, batch_size, channels, height, width, *grad.stride(), spatial_scale,
-            pooled_height, pooled_width, sampling_ratio, ALIGNED=bool(aligned), BLOCK_C=BLOCK_C)
-    return gin.to(grad.dtype)
+    return align_backward(grad, rois, None, [spatial_scale], pooled_height, pooled_width,
+                          [(batch_size, channels, height, width)], sampling_ratio, aligned)[0]
 
 
 @torch.library.custom_op("visionops::triton_roi_pool", mutates_args=())
@@ -257,13 +323,15 @@ def triton_roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_he
 def triton_roi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                              pooled_width: int) -> Tensor:
     B, C, H, W = input.shape
-    gin = torch.zeros((B, C, H, W), dtype=torch.float32, device=grad.device)
     K = rois.shape[0]
-    if K > 0 and gin.numel() > 0:
-        _roi_pool_bwd_kernel[_grid(K, pooled_height, pooled_width, C)](
-            grad, input, _rois32(rois), gin, B, C, H, W, *input.stride(), *grad.stride(), spatial_scale,
-            pooled_height, pooled_width, BLOCK_C=BLOCK_C)
-    return gin.to(grad.dtype)
+    if K == 0 or input.numel() == 0:
+        return grad.new_zeros(input.shape)
+    # Each bin sends its gradient to one cell.
+    (gin,), (flags,), scale = _scatter_buffers(grad, [input.shape], K * pooled_height * pooled_width)
+    _roi_pool_bwd_kernel[_grid(K, pooled_height, pooled_width, C)](
+        grad, input, _rois32(rois), gin, flags, scale, B, C, H, W, *input.stride(), *grad.stride(), spatial_scale,
+        pooled_height, pooled_width, DETERMINISTIC=scale is not None, BLOCK_C=BLOCK_C)
+    return _finish([gin], [flags], scale, grad.dtype)[0]
 
 
 @triton_roi_align.register_fake
@@ -316,22 +384,47 @@ refuse_double_backward(triton_roi_pool_backward, "roi_pool")
 
 
 def compile_specs():
-    """(kernel, signature, constexprs) of every kernel here, for an sm_90 compile check without a GPU."""
+    """(kernel, signature, constexprs) of every kernel here, for an sm_90 compile check without a GPU: RoIAlign with
+    one level (roi_align) and four (multi_scale_roi_align), backward kernels with float and fixed-point atomics."""
     i32, f32 = "i32", "fp32"
     x = {"B": i32, "C": i32, "H": i32, "W": i32, "sxb": i32, "sxc": i32, "sxh": i32, "sxw": i32}
+    gs = {"sgk": i32, "sgc": i32, "sgh": i32, "sgw": i32}
     common = {"spatial_scale": f32, "PH": i32, "PW": i32}
     blk = {"BLOCK_C": "constexpr"}
+    align = {"C": i32, "PH": i32, "PW": i32, "sampling_ratio": i32, "NL": "constexpr", "ALIGNED": "constexpr", **blk}
+
+    def levels(n, *fields):
+        return tuple((f,) * n for f in fields)
+
+    def align_fwd(n, dtype, has_levels):
+        sig = {"levels": levels(n, f"*{dtype}", *[i32] * 7, f32), "rois_ptr": "*fp32",
+               "lvl_ptr": "*i64" if has_levels else "constexpr", "out_ptr": f"*{dtype}", **align}
+        constexprs = {"NL": n, "ALIGNED": n == 1, "BLOCK_C": BLOCK_C, **({} if has_levels else {"lvl_ptr": None})}
+        return _roi_align_fwd_kernel, sig, constexprs
+
+    def align_bwd(n, gdtype, has_levels, deterministic):
+        dst, flags = ("*i64", "*i32") if deterministic else ("*fp32", "*fp32")
+        sig = {"g_ptr": f"*{gdtype}", **gs, "levels": levels(n, dst, flags, i32, i32, i32, f32), "rois_ptr": "*fp32",
+               "lvl_ptr": "*i64" if has_levels else "constexpr", "scale_ptr": "*fp64" if deterministic else "constexpr",
+               **align, "DETERMINISTIC": "constexpr"}
+        constexprs = {"NL": n, "ALIGNED": n != 1, "DETERMINISTIC": deterministic, "BLOCK_C": BLOCK_C,
+                      **({} if has_levels else {"lvl_ptr": None}), **({} if deterministic else {"scale_ptr": None})}
+        return _roi_align_bwd_kernel, sig, constexprs
+
+    def pool_bwd(deterministic):
+        dst, flags = ("*i64", "*i32") if deterministic else ("*fp32", "*fp32")
+        sig = {"g_ptr": "*fp32", "x_ptr": "*fp32", "rois_ptr": "*fp32", "gin_ptr": dst, "flags_ptr": flags,
+               "scale_ptr": "*fp64" if deterministic else "constexpr", **x, **gs, **common,
+               "DETERMINISTIC": "constexpr", **blk}
+        constexprs = {"DETERMINISTIC": deterministic, "BLOCK_C": BLOCK_C,
+                      **({} if deterministic else {"scale_ptr": None})}
+        return _roi_pool_bwd_kernel, sig, constexprs
+
     return [
-        (_roi_align_fwd_kernel, {"x_ptr": "*fp32", "rois_ptr": "*fp32", "out_ptr": "*fp32", **x, **common,
-                                 "sampling_ratio": i32, "ALIGNED": "constexpr", **blk},
-         {"BLOCK_C": BLOCK_C, "ALIGNED": True}),
-        (_roi_align_bwd_kernel, {"g_ptr": "*bf16", "rois_ptr": "*fp32", "gin_ptr": "*fp32", "B": i32, "C": i32,
-                                 "H": i32, "W": i32, "sgk": i32, "sgc": i32, "sgh": i32, "sgw": i32, **common,
-                                 "sampling_ratio": i32, "ALIGNED": "constexpr", **blk},
-         {"BLOCK_C": BLOCK_C, "ALIGNED": False}),
+        align_fwd(1, "fp32", False), align_fwd(4, "bf16", True),
+        align_bwd(1, "bf16", False, False), align_bwd(1, "fp32", False, True),
+        align_bwd(4, "fp32", True, False), align_bwd(4, "fp16", True, True),
         (_roi_pool_fwd_kernel, {"x_ptr": "*fp16", "rois_ptr": "*fp32", "out_ptr": "*fp16", **x, **common, **blk},
          {"BLOCK_C": BLOCK_C}),
-        (_roi_pool_bwd_kernel, {"g_ptr": "*fp32", "x_ptr": "*fp32", "rois_ptr": "*fp32", "gin_ptr": "*fp32", **x,
-                                "sgk": i32, "sgc": i32, "sgh": i32, "sgw": i32, **common, **blk},
-         {"BLOCK_C": BLOCK_C}),
+        pool_bwd(False), pool_bwd(True),
     ]
