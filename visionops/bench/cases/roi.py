@@ -72,7 +72,7 @@ def pool_case(backward=False, backend="auto", **shape):
     return make
 
 
-def multiscale_case(backward=False, c=256, k=1000):
+def multiscale_case(backward=False, c=256, k=1000, backend="auto"):
     """FPN levels of an 800x1088 batch of 2 (strides 4-32), k boxes spread over all levels."""
 
     def make(device):
@@ -90,7 +90,7 @@ def multiscale_case(backward=False, c=256, k=1000):
             boxes.append(torch.cat([xy, xy + wh], 1).to(device))
         shapes = [(800, 1088)] * 2
         names = list(x)
-        ours_m = visionops.MultiScaleRoIAlign(names, 7, 2)
+        ours_m = visionops.MultiScaleRoIAlign(names, 7, 2, backend=backend)
         base_m = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)
         if not backward:
             return (lambda: ours_m(x, boxes, shapes)), (lambda: base_m(x, boxes, shapes)), _close
@@ -118,4 +118,7 @@ CASES = [
     Case("roi_align", "bwd [triton]", align_case(True, backend="triton"), devices=("cuda",)),
     Case("roi_pool", "fwd [triton]", pool_case(backend="triton"), devices=("cuda",)),
     Case("roi_pool", "fwd+bwd [triton]", pool_case(True, backend="triton"), devices=("cuda",)),
+    Case("multi_scale_roi_align", "fwd [triton, one launch]", multiscale_case(backend="triton"), devices=("cuda",)),
+    Case("multi_scale_roi_align", "fwd+bwd [triton, one launch]", multiscale_case(True, backend="triton"),
+         devices=("cuda",)),
 ]
