@@ -43,6 +43,17 @@ def _pick(l, values, NL: tl.constexpr):
 
 
 @triton.jit
+def _program_bin(C, PH, PW, BLOCK_C: tl.constexpr):
+    """This program's RoI k, bin (ph, pw) and block of channels cs (mask cmask): grid (K * PH * PW, C blocks)."""
+    pid = tl.program_id(0)
+    k = pid // (PH * PW)
+    ph = (pid // PW) % PH
+    pw = pid % PW
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return k, ph, pw, cs, cs < C
+
+
+@triton.jit
 def _align_geom(rois_ptr, k, spatial_scale, PH, PW, sampling_ratio, ALIGNED: tl.constexpr):
     """Batch index, start, bin size and sample grid of RoI k (see roi_align_geom in roi_align.h)."""
     r = rois_ptr + k * 5
@@ -84,12 +95,7 @@ def _axis(v, size):
 def _roi_align_fwd_kernel(levels, rois_ptr, lvl_ptr, out_ptr, C, PH, PW, sampling_ratio, NL: tl.constexpr,
                           ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
     """levels: (x_ptr, B, H, W, sxb, sxc, sxh, sxw, spatial_scale), each an NL-tuple; lvl_ptr: RoI levels or None."""
-    pid = tl.program_id(0)
-    k = pid // (PH * PW)
-    ph = (pid // PW) % PH
-    pw = pid % PW
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
+    k, ph, pw, cs, cmask = _program_bin(C, PH, PW, BLOCK_C)
     l = 0 if lvl_ptr is None else tl.load(lvl_ptr + k)
     x_ptr, B, H, W, sxb, sxc, sxh, sxw, spatial_scale = [_pick(l, f, NL) for f in levels]
     b, sh, sw, bh, bw, gh, gw = _align_geom(rois_ptr, k, spatial_scale, PH, PW, sampling_ratio, ALIGNED)
@@ -119,12 +125,7 @@ def _roi_align_bwd_kernel(g_ptr, sgk, sgc, sgh, sgw, levels, rois_ptr, lvl_ptr, 
                           BLOCK_C: tl.constexpr):
     """levels: (gin_ptr, flags_ptr, B, H, W, spatial_scale), each an NL-tuple; gin is a contiguous [B, C, H, W]
     float32 buffer, or the fixed-point sums with their flags when DETERMINISTIC (see _fixed_point.scatter_add)."""
-    pid = tl.program_id(0)
-    k = pid // (PH * PW)
-    ph = (pid // PW) % PH
-    pw = pid % PW
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
+    k, ph, pw, cs, cmask = _program_bin(C, PH, PW, BLOCK_C)
     l = 0 if lvl_ptr is None else tl.load(lvl_ptr + k)
     gin_ptr, flags_ptr, B, H, W, spatial_scale = [_pick(l, f, NL) for f in levels]
     b, sh, sw, bh, bw, gh, gw = _align_geom(rois_ptr, k, spatial_scale, PH, PW, sampling_ratio, ALIGNED)
@@ -200,35 +201,32 @@ def _pool_max(x_ptr, cs, cmask, sxc, sxh, sxw, h0, h1, w0, w1, W, BLOCK_C: tl.co
 
 
 @triton.jit
-def _roi_pool_fwd_kernel(x_ptr, rois_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW,
-                         BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    k = pid // (PH * PW)
-    ph = (pid // PW) % PH
-    pw = pid % PW
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
+def _pool_roi_bin(x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW,
+                  BLOCK_C: tl.constexpr):
+    """(batch index or 0 when out of range, max, argmax) of bin (ph, pw) of RoI k over channels cs; an out-of-range
+    batch index gives an empty bin (0, argmax -1)."""
     b, h0, h1, w0, w1 = _pool_bin(rois_ptr, k, spatial_scale, PH, PW, ph, pw, H, W)
     ok = (b >= 0) & (b < B)
-    h1 = tl.where(ok, h1, h0)
-    best, arg = _pool_max(x_ptr + tl.where(ok, b, 0) * sxb, cs, cmask, sxc, sxh, sxw, h0, h1, w0, w1, W, BLOCK_C)
+    bs = tl.where(ok, b, 0)
+    best, arg = _pool_max(x_ptr + bs * sxb, cs, cmask, sxc, sxh, sxw, h0, tl.where(ok, h1, h0), w0, w1, W, BLOCK_C)
+    return bs, best, arg
+
+
+@triton.jit
+def _roi_pool_fwd_kernel(x_ptr, rois_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW,
+                         BLOCK_C: tl.constexpr):
+    k, ph, pw, cs, cmask = _program_bin(C, PH, PW, BLOCK_C)
+    bs, best, arg = _pool_roi_bin(x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh, sxw,
+                                  spatial_scale, PH, PW, BLOCK_C)
     tl.store(out_ptr + ((k.to(tl.int64) * C + cs) * PH + ph) * PW + pw, best, mask=cmask)
 
 
 @triton.jit
 def _roi_pool_bwd_kernel(g_ptr, x_ptr, rois_ptr, gin_ptr, flags_ptr, scale_ptr, B, C, H, W, sxb, sxc, sxh, sxw, sgk,
                          sgc, sgh, sgw, spatial_scale, PH, PW, DETERMINISTIC: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    k = pid // (PH * PW)
-    ph = (pid // PW) % PH
-    pw = pid % PW
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    b, h0, h1, w0, w1 = _pool_bin(rois_ptr, k, spatial_scale, PH, PW, ph, pw, H, W)
-    ok = (b >= 0) & (b < B)
-    h1 = tl.where(ok, h1, h0)
-    bs = tl.where(ok, b, 0)
-    best, arg = _pool_max(x_ptr + bs * sxb, cs, cmask, sxc, sxh, sxw, h0, h1, w0, w1, W, BLOCK_C)
+    k, ph, pw, cs, cmask = _program_bin(C, PH, PW, BLOCK_C)
+    bs, best, arg = _pool_roi_bin(x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh, sxw,
+                                  spatial_scale, PH, PW, BLOCK_C)
     g = tl.load(g_ptr + k.to(tl.int64) * sgk + cs * sgc + ph * sgh + pw * sgw, mask=cmask, other=0.0)
     dst = (bs * C + cs.to(tl.int64)) * H * W + tl.maximum(arg, 0)
     scatter_add(gin_ptr, flags_ptr, dst, g.to(tl.float32), cmask & (arg >= 0), load_scale(scale_ptr, DETERMINISTIC),
