@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from visionops._backend import resolve
 from visionops.ops._checks import check_int, check_pair
 from visionops.ops.roi import check_rois, roi_align
-from visionops.ops._autograd import refuse_double_backward
+from visionops.ops._autograd import op_callable, refuse_double_backward, register_autograd, register_fake
 
 _ops = torch.ops.visionops
 _MAX_KERNEL_LEVELS = 8  # levels one launch takes (csrc/ops/cuda/roi_align_kernel.cu, visionops/triton/roi.py)
@@ -131,29 +131,36 @@ class MultiScaleRoIAlign(nn.Module):
 # ---- registrations ---------------------------------------------------------------------------------------------
 
 
-@torch.library.register_fake("visionops::multi_scale_roi_align")
-def _(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned):
-    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
+def register_multi_scale_roi_align(op, backward_op) -> None:
+    """Fake kernels, autograd (to every level's features) and refused double backward of a multi_scale_roi_align-
+    schema op, (features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> Tensor, and its backward,
+    (grad, rois, levels, scales, ph, pw, feature_shapes, sampling_ratio, aligned) -> Tensor[]: the C++ pair and the
+    Triton pair (visionops/triton/poolers.py) share them."""
+
+    def fake(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned):
+        return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
+
+    def fake_backward(grad, rois, levels, scales, pooled_height, pooled_width, feature_shapes, sampling_ratio,
+                      aligned):
+        return [grad.new_empty(feature_shapes[i:i + 4]) for i in range(0, len(feature_shapes), 4)]
+
+    def setup(ctx, inputs, output):
+        features, rois, levels, scales, ph, pw, sampling_ratio, aligned = inputs
+        ctx.save_for_backward(rois, levels)
+        ctx.args = (scales, ph, pw, [s for f in features for s in f.shape], sampling_ratio, aligned)
+
+    def backward(ctx, grad):
+        rois, levels = ctx.saved_tensors
+        grads = op_callable(backward_op)(grad, rois, levels, *ctx.args)
+        return list(grads), None, None, None, None, None, None, None
+
+    register_fake(op, fake)
+    register_fake(backward_op, fake_backward)
+    register_autograd(op, backward, setup)
+    refuse_double_backward(backward_op, "multi_scale_roi_align")
 
 
-@torch.library.register_fake("visionops::_multi_scale_roi_align_backward")
-def _(grad, rois, levels, scales, pooled_height, pooled_width, feature_shapes, sampling_ratio, aligned):
-    return [grad.new_empty(feature_shapes[i:i + 4]) for i in range(0, len(feature_shapes), 4)]
+register_multi_scale_roi_align("visionops::multi_scale_roi_align", "visionops::_multi_scale_roi_align_backward")
 
-
-def _setup(ctx, inputs, output):
-    features, rois, levels, scales, ph, pw, sampling_ratio, aligned = inputs
-    ctx.save_for_backward(rois, levels)
-    ctx.args = (scales, ph, pw, [s for f in features for s in f.shape], sampling_ratio, aligned)
-
-
-def _backward(ctx, grad):
-    rois, levels = ctx.saved_tensors
-    grads = _ops._multi_scale_roi_align_backward(grad, rois, levels, *ctx.args)
-    return list(grads), None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("visionops::multi_scale_roi_align", _backward, setup_context=_setup)
-refuse_double_backward("visionops::_multi_scale_roi_align_backward", "multi_scale_roi_align")
 
 __all__ = ["MultiScaleRoIAlign", "LevelMapper", "multi_scale_roi_align", "setup_scales"]

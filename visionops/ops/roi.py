@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from visionops import reference
 from visionops._backend import resolve
 from visionops.ops._checks import check_int, check_number, check_pair, check_tensor
-from visionops.ops._autograd import refuse_double_backward
+from visionops.ops._autograd import op_callable, refuse_double_backward, register_autograd, register_fake
 
 _ops = torch.ops.visionops
 BoxesType = Union[Tensor, List[Tensor]]
@@ -158,52 +158,60 @@ class RoIPool(nn.Module):
 # ---- registrations: fake kernels and autograd ------------------------------------------------------------------
 
 
-@torch.library.register_fake("visionops::roi_align")
-def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-    torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align: rois must have shape [K, 5]")
-    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+def register_roi_align(op, backward_op) -> None:
+    """Fake kernels, autograd (to the features only) and refused double backward of a roi_align-schema op and its
+    backward, (input, rois, spatial_scale, ph, pw, sampling_ratio, aligned) -> Tensor and
+    (grad, rois, spatial_scale, ph, pw, B, C, H, W, sampling_ratio, aligned) -> Tensor: the C++ pair and the Triton
+    pair (visionops/triton/roi.py) share them."""
+
+    def fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+        torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align: rois must have shape [K, 5]")
+        return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+    def fake_backward(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
+                      sampling_ratio, aligned):
+        return grad.new_empty((batch_size, channels, height, width))
+
+    def setup(ctx, inputs, output):
+        input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
+        ctx.save_for_backward(rois)
+        ctx.args = (spatial_scale, ph, pw, *input.shape, sampling_ratio, aligned)
+
+    def backward(ctx, grad):
+        (rois,) = ctx.saved_tensors
+        return (op_callable(backward_op)(grad, rois, *ctx.args),) + (None,) * 6
+
+    register_fake(op, fake)
+    register_fake(backward_op, fake_backward)
+    register_autograd(op, backward, setup)
+    refuse_double_backward(backward_op, "roi_align")
 
 
-@torch.library.register_fake("visionops::_roi_align_backward")
-def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
-      aligned):
-    return grad.new_empty((batch_size, channels, height, width))
+def register_roi_pool(op, backward_op) -> None:
+    """As register_roi_align, for (input, rois, spatial_scale, ph, pw) -> Tensor and its backward
+    (grad, input, rois, spatial_scale, ph, pw) -> Tensor."""
+
+    def fake(input, rois, spatial_scale, pooled_height, pooled_width):
+        torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_pool: rois must have shape [K, 5]")
+        return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+    def fake_backward(grad, input, rois, spatial_scale, pooled_height, pooled_width):
+        return grad.new_empty(input.shape)
+
+    def setup(ctx, inputs, output):
+        input, rois, spatial_scale, ph, pw = inputs
+        ctx.save_for_backward(input, rois)
+        ctx.args = (spatial_scale, ph, pw)
+
+    def backward(ctx, grad):
+        input, rois = ctx.saved_tensors
+        return (op_callable(backward_op)(grad, input, rois, *ctx.args),) + (None,) * 4
+
+    register_fake(op, fake)
+    register_fake(backward_op, fake_backward)
+    register_autograd(op, backward, setup)
+    refuse_double_backward(backward_op, "roi_pool")
 
 
-@torch.library.register_fake("visionops::roi_pool")
-def _(input, rois, spatial_scale, pooled_height, pooled_width):
-    torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_pool: rois must have shape [K, 5]")
-    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
-
-
-@torch.library.register_fake("visionops::_roi_pool_backward")
-def _(grad, input, rois, spatial_scale, pooled_height, pooled_width):
-    return grad.new_empty(input.shape)
-
-
-def _roi_align_setup(ctx, inputs, output):
-    input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
-    ctx.save_for_backward(rois)
-    ctx.args = (spatial_scale, ph, pw, *input.shape, sampling_ratio, aligned)
-
-
-def _roi_align_backward(ctx, grad):
-    (rois,) = ctx.saved_tensors
-    return (_ops._roi_align_backward(grad, rois, *ctx.args),) + (None,) * 6
-
-
-def _roi_pool_setup(ctx, inputs, output):
-    input, rois, spatial_scale, ph, pw = inputs
-    ctx.save_for_backward(input, rois)
-    ctx.args = (spatial_scale, ph, pw)
-
-
-def _roi_pool_backward(ctx, grad):
-    input, rois = ctx.saved_tensors
-    return (_ops._roi_pool_backward(grad, input, rois, *ctx.args),) + (None,) * 4
-
-
-torch.library.register_autograd("visionops::roi_align", _roi_align_backward, setup_context=_roi_align_setup)
-torch.library.register_autograd("visionops::roi_pool", _roi_pool_backward, setup_context=_roi_pool_setup)
-refuse_double_backward("visionops::_roi_align_backward", "roi_align")
-refuse_double_backward("visionops::_roi_pool_backward", "roi_pool")
+register_roi_align("visionops::roi_align", "visionops::_roi_align_backward")
+register_roi_pool("visionops::roi_pool", "visionops::_roi_pool_backward")

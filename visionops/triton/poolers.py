@@ -12,7 +12,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from visionops.ops._autograd import refuse_double_backward
+from visionops.ops.poolers import register_multi_scale_roi_align
 from visionops.triton.roi import MAX_LEVELS, align_backward, align_forward
 
 
@@ -55,27 +55,4 @@ def triton_multi_scale_roi_align_backward(grad: Tensor, rois: Tensor, levels: Te
     return align_backward(grad, rois, levels, scales, pooled_height, pooled_width, shapes, sampling_ratio, aligned)
 
 
-@triton_multi_scale_roi_align.register_fake
-def _(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned):
-    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
-
-
-@triton_multi_scale_roi_align_backward.register_fake
-def _(grad, rois, levels, scales, pooled_height, pooled_width, feature_shapes, sampling_ratio, aligned):
-    return [grad.new_empty(feature_shapes[i:i + 4]) for i in range(0, len(feature_shapes), 4)]
-
-
-def _setup(ctx, inputs, output):
-    features, rois, levels, scales, ph, pw, sampling_ratio, aligned = inputs
-    ctx.save_for_backward(rois, levels)
-    ctx.args = (scales, ph, pw, [s for f in features for s in f.shape], sampling_ratio, aligned)
-
-
-def _backward(ctx, grad):
-    rois, levels = ctx.saved_tensors
-    grads = triton_multi_scale_roi_align_backward(grad, rois, levels, *ctx.args)
-    return list(grads), None, None, None, None, None, None, None
-
-
-triton_multi_scale_roi_align.register_autograd(_backward, setup_context=_setup)
-refuse_double_backward(triton_multi_scale_roi_align_backward, "multi_scale_roi_align")
+register_multi_scale_roi_align(triton_multi_scale_roi_align, triton_multi_scale_roi_align_backward)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from visionops.ops._autograd import refuse_double_backward
+from visionops.ops.roi import register_roi_align, register_roi_pool
 from visionops.triton import _fixed_point
 from visionops.triton._fixed_point import load_scale, scatter_add
 from visionops.triton._math import div_rn
@@ -92,6 +92,12 @@ def _axis(v, size):
 
 
 @triton.jit
+def _sample_axis(start, bin_, p, i, grid, size):
+    """Taps along one axis of sample i of bin p, at start + p * bin + (i + 0.5) * bin / grid (roi_align_sample)."""
+    return _axis(start + p * bin_ + div_rn((i + 0.5) * bin_, grid), size)
+
+
+@triton.jit
 def _roi_align_fwd_kernel(levels, rois_ptr, lvl_ptr, out_ptr, C, PH, PW, sampling_ratio, NL: tl.constexpr,
                           ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
     """levels: (x_ptr, B, H, W, sxb, sxc, sxh, sxw, spatial_scale), each an NL-tuple; lvl_ptr: RoI levels or None."""
@@ -103,11 +109,9 @@ def _roi_align_fwd_kernel(levels, rois_ptr, lvl_ptr, out_ptr, C, PH, PW, samplin
     base = x_ptr + tl.where(ok, b, 0) * sxb + cs.to(tl.int64) * sxc
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for iy in range(0, gh):
-        y = sh + ph * bh + div_rn((iy + 0.5) * bh, gh)
-        ylo, yhi, hy, ly, vy = _axis(y, H)
+        ylo, yhi, hy, ly, vy = _sample_axis(sh, bh, ph, iy, gh, H)
         for ix in range(0, gw):
-            x = sw + pw * bw + div_rn((ix + 0.5) * bw, gw)
-            xlo, xhi, hx, lx, vx = _axis(x, W)
+            xlo, xhi, hx, lx, vx = _sample_axis(sw, bw, pw, ix, gw, W)
             m = tl.where(vy & vx & ok, cmask, False)  # (block & scalar mask trips the interpreter)
             v1 = tl.load(base + ylo * sxh + xlo * sxw, mask=m, other=0.0).to(tl.float32)
             v2 = tl.load(base + ylo * sxh + xhi * sxw, mask=m, other=0.0).to(tl.float32)
@@ -136,11 +140,9 @@ def _roi_align_bwd_kernel(g_ptr, sgk, sgc, sgh, sgw, levels, rois_ptr, lvl_ptr, 
     scale = load_scale(scale_ptr, DETERMINISTIC)
     base = (tl.where(ok, b, 0) * C + cs.to(tl.int64)) * H * W
     for iy in range(0, gh):
-        y = sh + ph * bh + div_rn((iy + 0.5) * bh, gh)
-        ylo, yhi, hy, ly, vy = _axis(y, H)
+        ylo, yhi, hy, ly, vy = _sample_axis(sh, bh, ph, iy, gh, H)
         for ix in range(0, gw):
-            x = sw + pw * bw + div_rn((ix + 0.5) * bw, gw)
-            xlo, xhi, hx, lx, vx = _axis(x, W)
+            xlo, xhi, hx, lx, vx = _sample_axis(sw, bw, pw, ix, gw, W)
             m = tl.where(vy & vx & ok, cmask, False)  # (block & scalar mask trips the interpreter)
             scatter_add(gin_ptr, flags_ptr, base + ylo * W + xlo, div_rn(g * (hy * hx), count), m, scale,
                         DETERMINISTIC)
@@ -332,53 +334,8 @@ def triton_roi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_
     return _finish([gin], [flags], scale, grad.dtype)[0]
 
 
-@triton_roi_align.register_fake
-def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
-
-
-@triton_roi_align_backward.register_fake
-def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
-      aligned):
-    return grad.new_empty((batch_size, channels, height, width))
-
-
-@triton_roi_pool.register_fake
-def _(input, rois, spatial_scale, pooled_height, pooled_width):
-    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
-
-
-@triton_roi_pool_backward.register_fake
-def _(grad, input, rois, spatial_scale, pooled_height, pooled_width):
-    return grad.new_empty(input.shape)
-
-
-def _align_setup(ctx, inputs, output):
-    input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
-    ctx.save_for_backward(rois)
-    ctx.args = (spatial_scale, ph, pw, *input.shape, sampling_ratio, aligned)
-
-
-def _align_backward(ctx, grad):
-    (rois,) = ctx.saved_tensors
-    return (triton_roi_align_backward(grad, rois, *ctx.args),) + (None,) * 6
-
-
-def _pool_setup(ctx, inputs, output):
-    input, rois, spatial_scale, ph, pw = inputs
-    ctx.save_for_backward(input, rois)
-    ctx.args = (spatial_scale, ph, pw)
-
-
-def _pool_backward(ctx, grad):
-    input, rois = ctx.saved_tensors
-    return (triton_roi_pool_backward(grad, input, rois, *ctx.args),) + (None,) * 4
-
-
-triton_roi_align.register_autograd(_align_backward, setup_context=_align_setup)
-triton_roi_pool.register_autograd(_pool_backward, setup_context=_pool_setup)
-refuse_double_backward(triton_roi_align_backward, "roi_align")
-refuse_double_backward(triton_roi_pool_backward, "roi_pool")
+register_roi_align(triton_roi_align, triton_roi_align_backward)
+register_roi_pool(triton_roi_pool, triton_roi_pool_backward)
 
 
 def compile_specs():

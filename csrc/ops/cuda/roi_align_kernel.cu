@@ -88,11 +88,10 @@ __global__ void roi_align_backward_kernel_impl(const scalar_t* __restrict__ grad
   if (g.batch < 0 || g.batch >= L.B[l]) return;
   const T go = static_cast<T>(grad[k * sg.n + c * sg.c + ph * sg.h + pw * sg.w]);
   const int64_t base = L.off[l] + (g.batch * C + c) * H * W;
-  const T count = static_cast<T>(g.grid_h * g.grid_w);
   double fp_scale = 0;
   if constexpr (kDeterministic) fp_scale = fp.scale();
   roi_align_bin_taps(g, ph, pw, H, W, [&](int64_t y, int64_t x, T w) {
-    const T v = go * w / count;
+    const T v = go * w / g.count;
     if constexpr (kDeterministic) fp.add(base + y * W + x, static_cast<double>(v), fp_scale);
     else atomicAdd(gin + base + y * W + x, v);
   });
