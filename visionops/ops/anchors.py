@@ -8,17 +8,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn, Tensor
 
+from visionops import _registry as registry
 from visionops import reference
-from visionops._backend import resolve
 
-_ops = torch.ops.visionops
-
-
-def _triton():
-    import visionops.triton.anchors as triton_anchors  # imported on first use: needs the triton package
-
-    return triton_anchors
-
+__all__ = ["AnchorGenerator", "DefaultBoxGenerator", "cell_anchors", "grid_anchors"]
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -69,18 +62,8 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], rounded
 
 def _grid_anchors_op(cells: Tensor, num_cells: List[int], grid: List[int], strides: List[float], offset: float,
                      num_images: int, dtype: torch.dtype, backend: str) -> Tensor:
-    b = resolve("grid_anchors", backend, cells.device)
-    if b == "cpp":
-        return _ops.grid_anchors(cells, num_cells, grid, strides, offset, num_images, dtype)
-    if b == "triton":
-        return _triton().triton_grid_anchors(cells, num_cells, grid, strides, offset, num_images, dtype)
-    levels, start = [], 0
-    for a in num_cells:
-        levels.append(cells[start:start + a])
-        start += a
-    one = reference.grid_anchors(list(zip(grid[0::2], grid[1::2])), list(zip(strides[0::2], strides[1::2])),
-                                 levels, offset).to(dtype)
-    return one.unsqueeze(0).repeat(num_images, 1, 1)
+    return registry.dispatch("grid_anchors", backend, cells.device)(cells, num_cells, grid, strides, offset,
+                                                                     num_images, dtype)
 
 
 def grid_anchors(feature_sizes: Sequence[Tuple[int, int]], strides: Sequence[Tuple[float, float]],
@@ -294,10 +277,13 @@ class DefaultBoxGenerator(nn.Module):
         return list(torch.cat([boxes] * n).split(boxes.shape[0]))
 
 
-# ---- registrations: fake kernel -----------------------------------------------------------------------------
+# ---- declaration: fake kernel (every backend) ----------------------------------------------------------------
 
 
-@torch.library.register_fake("visionops::grid_anchors")
-def _(cell_anchors, num_cell_anchors, grid_sizes, strides, offset, num_images, dtype):
+def _grid_anchors_fake(cell_anchors, num_cell_anchors, grid_sizes, strides, offset, num_images, dtype):
     total = sum(grid_sizes[2 * l] * grid_sizes[2 * l + 1] * a for l, a in enumerate(num_cell_anchors))
     return cell_anchors.new_empty((num_images, total, 4), dtype=dtype)
+
+
+registry.declare(registry.OpDef("grid_anchors", reference.grid_anchors_op, _grid_anchors_fake,
+                                triton="visionops.triton.anchors"))

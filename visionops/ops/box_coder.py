@@ -9,20 +9,13 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from visionops import _registry as registry
 from visionops import reference
-from visionops._backend import resolve
 from visionops.ops._checks import check_boxes, check_number, check_same_device, check_same_length, check_tensor
-from visionops.ops._autograd import refuse_double_backward
 
-_ops = torch.ops.visionops
+__all__ = ["BoxCoder", "decode_boxes", "encode_boxes", "filter_boxes"]
+
 DEFAULT_CLIP = math.log(1000.0 / 16)
-
-
-def _triton():
-    import visionops.triton.box_coder as triton_box_coder  # imported on first use: needs the triton package
-
-    return triton_box_coder
-
 
 def _check_weights(weights) -> List[float]:
     if isinstance(weights, Tensor):
@@ -77,12 +70,7 @@ def decode_boxes(deltas: Tensor, anchors: Tensor, weights: Sequence[float] = (1.
     clip = check_number("bbox_xform_clip", bbox_xform_clip)
     size = _check_image_size(image_size)
     anchors = anchors.to(deltas.dtype)
-    b = resolve("decode_boxes", backend, deltas.device)
-    if b == "cpp":
-        return _ops.decode_boxes(deltas, anchors, w, clip, size)
-    if b == "triton":
-        return _triton().triton_decode_boxes(deltas, anchors, w, clip, size)
-    return reference.decode_boxes(deltas, anchors, w, clip, tuple(size) if size else None)
+    return registry.dispatch("decode_boxes", backend, deltas.device)(deltas, anchors, w, clip, size)
 
 
 def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), *,
@@ -98,12 +86,7 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Sequence[f
     check_same_device(("reference_boxes", "proposals"), (reference_boxes, proposals))
     w = _check_weights(weights)
     proposals = proposals.to(reference_boxes.dtype)
-    b = resolve("encode_boxes", backend, reference_boxes.device)
-    if b == "cpp":
-        return _ops.encode_boxes(reference_boxes, proposals, w)
-    if b == "triton":
-        return _triton().triton_encode_boxes(reference_boxes, proposals, w)
-    return reference.encode_boxes(reference_boxes, proposals, w)
+    return registry.dispatch("encode_boxes", backend, reference_boxes.device)(reference_boxes, proposals, w)
 
 
 def filter_boxes(boxes: Tensor, scores: Tensor, score_threshold: float, min_size: float, *,
@@ -122,12 +105,7 @@ def filter_boxes(boxes: Tensor, scores: Tensor, score_threshold: float, min_size
     check_same_device(("boxes", "scores"), (boxes, scores))
     thr = check_number("score_threshold", score_threshold)
     min_size = check_number("min_size", min_size)
-    b = resolve("filter_boxes", backend, boxes.device)
-    if b == "cpp":
-        return _ops.filter_boxes(boxes, scores, thr, min_size)
-    if b == "triton":
-        return _triton().triton_filter_boxes(boxes, scores, thr, min_size)
-    return reference.filter_boxes(boxes, scores, thr, min_size)
+    return registry.dispatch("filter_boxes", backend, boxes.device)(boxes, scores, thr, min_size)
 
 
 class BoxCoder:
@@ -164,41 +142,35 @@ class BoxCoder:
         return decode_boxes(rel_codes, boxes, self.weights, self.bbox_xform_clip, backend=self.backend)
 
 
-# ---- registrations: fake kernels, autograd --------------------------------------------------------------------
+# ---- declarations: fake kernels, autograd (every backend) -----------------------------------------------------
 
 
-@torch.library.register_fake("visionops::decode_boxes")
-def _(deltas, anchors, weights, bbox_xform_clip, image_size):
-    return torch.empty_like(deltas, memory_format=torch.contiguous_format)
+def _like_first(t, *args):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("visionops::_decode_boxes_backward")
-def _(grad, deltas, anchors, weights, bbox_xform_clip, image_size):
-    return (torch.empty_like(deltas, memory_format=torch.contiguous_format),
-            torch.empty_like(anchors, memory_format=torch.contiguous_format))
-
-
-@torch.library.register_fake("visionops::encode_boxes")
-def _(reference_boxes, proposals, weights):
-    return torch.empty_like(reference_boxes, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("visionops::filter_boxes")
-def _(boxes, scores, score_threshold, min_size):
-    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
-
-
-def _decode_setup_context(ctx, inputs, output):
+def _decode_setup(ctx, inputs, output):
     deltas, anchors, weights, clip, image_size = inputs
     ctx.save_for_backward(deltas, anchors)
     ctx.args = (weights, clip, image_size)
 
 
-def _decode_backward(ctx, grad):
+def _decode_backward(backward_op, ctx, grad):
     deltas, anchors = ctx.saved_tensors
-    gd, ga = _ops._decode_boxes_backward(grad, deltas, anchors, *ctx.args)
+    gd, ga = backward_op(grad, deltas, anchors, *ctx.args)
     return gd, ga, None, None, None
 
 
-torch.library.register_autograd("visionops::decode_boxes", _decode_backward, setup_context=_decode_setup_context)
-refuse_double_backward("visionops::_decode_boxes_backward", "decode_boxes")
+def _decode_backward_fake(grad, deltas, anchors, weights, bbox_xform_clip, image_size):
+    return _like_first(deltas), _like_first(anchors)
+
+
+def _filter_fake(boxes, scores, score_threshold, min_size):
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
+
+
+_TRITON = "visionops.triton.box_coder"
+registry.declare(registry.OpDef("decode_boxes", reference.decode_boxes, _like_first, triton=_TRITON,
+                                backward=registry.Backward(_decode_setup, _decode_backward, _decode_backward_fake)))
+registry.declare(registry.OpDef("encode_boxes", reference.encode_boxes, _like_first, triton=_TRITON))
+registry.declare(registry.OpDef("filter_boxes", reference.filter_boxes, _filter_fake, triton=_TRITON))

@@ -10,6 +10,8 @@ from torch import Tensor
 
 from visionops.ops._checks import check_number, check_tensor
 
+__all__ = ["box_area", "box_convert", "clip_boxes_to_image", "remove_small_boxes"]
+
 _FORMATS = ("xyxy", "xywh", "cxcywh")
 
 

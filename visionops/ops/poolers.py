@@ -11,19 +11,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from visionops._backend import resolve
+from visionops import _registry as registry
+from visionops import reference
 from visionops.ops._checks import check_int, check_pair
 from visionops.ops.roi import check_rois, roi_align
-from visionops.ops._autograd import op_callable, refuse_double_backward, register_autograd, register_fake
 
-_ops = torch.ops.visionops
-_MAX_KERNEL_LEVELS = 8  # levels one launch takes (csrc/ops/cuda/roi_align_kernel.cu, visionops/triton/roi.py)
+_MAX_LEVELS = registry.limit("roi_align_max_levels")  # levels one kernel launch takes (csrc/ops/common/roi_align.h)
 
-
-def _triton():
-    import visionops.triton.poolers as triton_poolers  # imported on first use: needs the triton package
-
-    return triton_poolers
+__all__ = ["MultiScaleRoIAlign"]
 
 
 def _infer_scale(feature: Tensor, original_size: Tuple[int, int]) -> float:
@@ -78,16 +73,11 @@ def multi_scale_roi_align(features: List[Tensor], boxes: List[Tensor], output_si
     if len(features) == 1:
         return roi_align(features[0], rois, (ph, pw), scales[0], sr, backend=backend)
     levels = mapper(list(boxes))
-    b = resolve("multi_scale_roi_align", backend, features[0].device)
-    if b in ("cpp", "triton") and len(features) <= _MAX_KERNEL_LEVELS:
-        op = _ops.multi_scale_roi_align if b == "cpp" else _triton().triton_multi_scale_roi_align
-        return op(list(features), rois, levels, [float(s) for s in scales], ph, pw, sr, False)
-    # torchvision's loop over levels (reference backend, or more levels than one kernel launch takes)
-    result = features[0].new_zeros((rois.shape[0], features[0].shape[1], ph, pw))
-    for level, (feature, scale) in enumerate(zip(features, scales)):
-        idx = torch.where(levels == level)[0]
-        result[idx] = roi_align(feature, rois[idx], (ph, pw), scale, sr, backend=b)
-    return result
+    args = (list(features), rois, levels, [float(s) for s in scales], ph, pw, sr, False)
+    if len(features) <= _MAX_LEVELS:
+        return registry.dispatch("multi_scale_roi_align", backend, features[0].device)(*args)
+    # more levels than one launch takes: torchvision's loop over levels, each through roi_align
+    return reference.multi_scale_roi_align(*args, per_level=registry.dispatch("roi_align", backend, rois.device))
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -128,39 +118,46 @@ class MultiScaleRoIAlign(nn.Module):
                 f"sampling_ratio={self.sampling_ratio})")
 
 
-# ---- registrations ---------------------------------------------------------------------------------------------
+# ---- declaration: fake kernels, autograd to every level's features, Triton op checks -----------------------------
 
 
-def register_multi_scale_roi_align(op, backward_op) -> None:
-    """Fake kernels, autograd (to every level's features) and refused double backward of a multi_scale_roi_align-
-    schema op, (features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> Tensor, and its backward,
-    (grad, rois, levels, scales, ph, pw, feature_shapes, sampling_ratio, aligned) -> Tensor[]: the C++ pair and the
-    Triton pair (visionops/triton/poolers.py) share them."""
-
-    def fake(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned):
-        return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
-
-    def fake_backward(grad, rois, levels, scales, pooled_height, pooled_width, feature_shapes, sampling_ratio,
-                      aligned):
-        return [grad.new_empty(feature_shapes[i:i + 4]) for i in range(0, len(feature_shapes), 4)]
-
-    def setup(ctx, inputs, output):
-        features, rois, levels, scales, ph, pw, sampling_ratio, aligned = inputs
-        ctx.save_for_backward(rois, levels)
-        ctx.args = (scales, ph, pw, [s for f in features for s in f.shape], sampling_ratio, aligned)
-
-    def backward(ctx, grad):
-        rois, levels = ctx.saved_tensors
-        grads = op_callable(backward_op)(grad, rois, levels, *ctx.args)
-        return list(grads), None, None, None, None, None, None, None
-
-    register_fake(op, fake)
-    register_fake(backward_op, fake_backward)
-    register_autograd(op, backward, setup)
-    refuse_double_backward(backward_op, "multi_scale_roi_align")
+def _fake(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned):
+    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
 
 
-register_multi_scale_roi_align("visionops::multi_scale_roi_align", "visionops::_multi_scale_roi_align_backward")
+def _backward_fake(grad, rois, levels, scales, pooled_height, pooled_width, feature_shapes, sampling_ratio, aligned):
+    return [grad.new_empty(feature_shapes[i:i + 4]) for i in range(0, len(feature_shapes), 4)]
 
 
-__all__ = ["MultiScaleRoIAlign", "LevelMapper", "multi_scale_roi_align", "setup_scales"]
+def _setup(ctx, inputs, output):
+    features, rois, levels, scales, ph, pw, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois, levels)
+    ctx.args = (scales, ph, pw, [s for f in features for s in f.shape], sampling_ratio, aligned)
+
+
+def _backward(backward_op, ctx, grad):
+    rois, levels = ctx.saved_tensors
+    grads = backward_op(grad, rois, levels, *ctx.args)
+    return list(grads), None, None, None, None, None, None, None
+
+
+def _check(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned) -> None:
+    """Arguments of the Triton op, checked as the C++ kernels check theirs (ValueError naming the argument)."""
+    op = "multi_scale_roi_align"
+    if not 1 <= len(features) <= _MAX_LEVELS or len(scales) != len(features):
+        raise ValueError(f"{op}: need 1 to {_MAX_LEVELS} feature levels and one spatial scale per level, got "
+                         f"{len(features)} levels and {len(scales)} scales")
+    for f in features:
+        check_rois(f, rois, op)
+        if f.shape[1] != features[0].shape[1] or f.dtype != features[0].dtype:
+            raise ValueError(f"{op}: every feature level must have the channels and dtype of features[0]")
+    if levels.dim() != 1 or levels.shape[0] != rois.shape[0] or levels.dtype != torch.int64 or \
+            levels.device != rois.device:
+        raise ValueError(f"{op}: levels must be an int64 tensor of shape [K] on the rois' device, got "
+                         f"{levels.dtype} {list(levels.shape)} on {levels.device}")
+
+
+registry.declare(registry.OpDef("multi_scale_roi_align", reference.multi_scale_roi_align, _fake,
+                                triton="visionops.triton.roi", check=_check,
+                                backward=registry.Backward(_setup, _backward, _backward_fake)))
+

@@ -18,20 +18,13 @@ from typing import List, Union
 import torch
 from torch import Tensor, nn
 
+from visionops import _registry as registry
 from visionops import reference
-from visionops._backend import resolve
 from visionops.ops._checks import check_int, check_number, check_pair, check_tensor
-from visionops.ops._autograd import op_callable, refuse_double_backward, register_autograd, register_fake
 
-_ops = torch.ops.visionops
+__all__ = ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]
+
 BoxesType = Union[Tensor, List[Tensor]]
-
-
-def _triton():
-    import visionops.triton.roi as triton_roi  # imported on first use: needs the triton package
-
-    return triton_roi
-
 
 def convert_boxes_to_roi_format(boxes: List[Tensor]) -> Tensor:
     """List of Tensor[L_i, 4] (one per image) -> Tensor[sum L_i, 5] with the image index in column 0."""
@@ -78,7 +71,7 @@ def roi_align(input: Tensor, boxes: BoxesType, output_size, spatial_scale: float
         spatial_scale: feature-map cells per input pixel (e.g. 1/16).
         sampling_ratio: bilinear samples per bin along each axis; <= 0 picks ceil(roi_size / output_size).
         aligned: shift boxes by -0.5 cell (pixel-centre model), as Detectron2.
-        backend: "auto", "cpp", "triton" or "reference" (see ``visionops._backend``).
+        backend: "auto", "cpp", "triton" or "reference" (see ``visionops._registry``).
 
     Returns:
         Tensor[K, C, h, w] in input's dtype. Differentiable in ``input`` only.
@@ -88,12 +81,7 @@ def roi_align(input: Tensor, boxes: BoxesType, output_size, spatial_scale: float
     scale = check_number("spatial_scale", spatial_scale)
     sr = check_int("sampling_ratio", sampling_ratio)
     aligned = bool(aligned)
-    b = resolve("roi_align", backend, input.device)
-    if b == "cpp":
-        return _ops.roi_align(input, rois, scale, ph, pw, sr, aligned)
-    if b == "triton":
-        return _triton().triton_roi_align(input, rois, scale, ph, pw, sr, aligned)
-    return reference.roi_align(input, rois, scale, ph, pw, sr, aligned)
+    return registry.dispatch("roi_align", backend, input.device)(input, rois, scale, ph, pw, sr, aligned)
 
 
 def roi_pool(input: Tensor, boxes: BoxesType, output_size, spatial_scale: float = 1.0, *,
@@ -110,12 +98,7 @@ def roi_pool(input: Tensor, boxes: BoxesType, output_size, spatial_scale: float 
     rois = check_rois(input, boxes, "roi_pool")
     ph, pw = check_pair("output_size", output_size)
     scale = check_number("spatial_scale", spatial_scale)
-    b = resolve("roi_pool", backend, input.device)
-    if b == "cpp":
-        return _ops.roi_pool(input, rois, scale, ph, pw)
-    if b == "triton":
-        return _triton().triton_roi_pool(input, rois, scale, ph, pw)
-    return reference.roi_pool(input, rois, scale, ph, pw)
+    return registry.dispatch("roi_pool", backend, input.device)(input, rois, scale, ph, pw)
 
 
 class RoIAlign(nn.Module):
@@ -155,63 +138,46 @@ class RoIPool(nn.Module):
         return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
 
 
-# ---- registrations: fake kernels and autograd ------------------------------------------------------------------
+# ---- declarations: fake kernels, autograd to the features (every backend) ---------------------------------------
 
 
-def register_roi_align(op, backward_op) -> None:
-    """Fake kernels, autograd (to the features only) and refused double backward of a roi_align-schema op and its
-    backward, (input, rois, spatial_scale, ph, pw, sampling_ratio, aligned) -> Tensor and
-    (grad, rois, spatial_scale, ph, pw, B, C, H, W, sampling_ratio, aligned) -> Tensor: the C++ pair and the Triton
-    pair (visionops/triton/roi.py) share them."""
-
-    def fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-        torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align: rois must have shape [K, 5]")
-        return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
-
-    def fake_backward(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
-                      sampling_ratio, aligned):
-        return grad.new_empty((batch_size, channels, height, width))
-
-    def setup(ctx, inputs, output):
-        input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
-        ctx.save_for_backward(rois)
-        ctx.args = (spatial_scale, ph, pw, *input.shape, sampling_ratio, aligned)
-
-    def backward(ctx, grad):
-        (rois,) = ctx.saved_tensors
-        return (op_callable(backward_op)(grad, rois, *ctx.args),) + (None,) * 6
-
-    register_fake(op, fake)
-    register_fake(backward_op, fake_backward)
-    register_autograd(op, backward, setup)
-    refuse_double_backward(backward_op, "roi_align")
+def _pooled_fake(input, rois, spatial_scale, pooled_height, pooled_width, *args):
+    torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "rois must have shape [K, 5]")
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
 
-def register_roi_pool(op, backward_op) -> None:
-    """As register_roi_align, for (input, rois, spatial_scale, ph, pw) -> Tensor and its backward
-    (grad, input, rois, spatial_scale, ph, pw) -> Tensor."""
-
-    def fake(input, rois, spatial_scale, pooled_height, pooled_width):
-        torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_pool: rois must have shape [K, 5]")
-        return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
-
-    def fake_backward(grad, input, rois, spatial_scale, pooled_height, pooled_width):
-        return grad.new_empty(input.shape)
-
-    def setup(ctx, inputs, output):
-        input, rois, spatial_scale, ph, pw = inputs
-        ctx.save_for_backward(input, rois)
-        ctx.args = (spatial_scale, ph, pw)
-
-    def backward(ctx, grad):
-        input, rois = ctx.saved_tensors
-        return (op_callable(backward_op)(grad, input, rois, *ctx.args),) + (None,) * 4
-
-    register_fake(op, fake)
-    register_fake(backward_op, fake_backward)
-    register_autograd(op, backward, setup)
-    refuse_double_backward(backward_op, "roi_pool")
+def _align_setup(ctx, inputs, output):
+    input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (spatial_scale, ph, pw, *input.shape, sampling_ratio, aligned)
 
 
-register_roi_align("visionops::roi_align", "visionops::_roi_align_backward")
-register_roi_pool("visionops::roi_pool", "visionops::_roi_pool_backward")
+def _align_backward(backward_op, ctx, grad):
+    (rois,) = ctx.saved_tensors
+    return (backward_op(grad, rois, *ctx.args),) + (None,) * 6
+
+
+def _align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
+                         sampling_ratio, aligned):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _pool_setup(ctx, inputs, output):
+    input, rois, spatial_scale, ph, pw = inputs
+    ctx.save_for_backward(input, rois)
+    ctx.args = (spatial_scale, ph, pw)
+
+
+def _pool_backward(backward_op, ctx, grad):
+    input, rois = ctx.saved_tensors
+    return (backward_op(grad, input, rois, *ctx.args),) + (None,) * 4
+
+
+def _pool_backward_fake(grad, input, rois, spatial_scale, pooled_height, pooled_width):
+    return grad.new_empty(input.shape)
+
+
+registry.declare(registry.OpDef("roi_align", reference.roi_align, _pooled_fake, triton="visionops.triton.roi",
+                                backward=registry.Backward(_align_setup, _align_backward, _align_backward_fake)))
+registry.declare(registry.OpDef("roi_pool", reference.roi_pool, _pooled_fake, triton="visionops.triton.roi",
+                                backward=registry.Backward(_pool_setup, _pool_backward, _pool_backward_fake)))

@@ -51,3 +51,16 @@ def grid_anchors(feature_sizes: Sequence[Tuple[int, int]], strides: Sequence[Tup
     if not out:
         return torch.empty(0, 4, dtype=dtype, device=device)
     return torch.cat(out).to(dtype)
+
+
+def grid_anchors_op(cell_anchors: Tensor, num_cell_anchors: List[int], grid_sizes: List[int], strides: List[float],
+                    offset: float, num_images: int, dtype: torch.dtype) -> Tensor:
+    """``visionops::grid_anchors``'s schema: the levels' cells concatenated, (H, W) and (sh, sw) flattened per level,
+    the same anchors for each of ``num_images`` images: Tensor[num_images, total, 4] of ``dtype``."""
+    levels, start = [], 0
+    for a in num_cell_anchors:
+        levels.append(cell_anchors[start:start + a])
+        start += a
+    one = grid_anchors(list(zip(grid_sizes[0::2], grid_sizes[1::2])), list(zip(strides[0::2], strides[1::2])), levels,
+                       offset).to(dtype)
+    return one.unsqueeze(0).repeat(num_images, 1, 1)

@@ -14,7 +14,7 @@ Encode reference box g against proposal e::
 
 Computed in float32 for float16/bfloat16 inputs (torchvision computes in the input dtype), float64 stays float64.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,8 @@ def _opmath(t: Tensor) -> Tensor:
 
 
 def decode_boxes(deltas: Tensor, anchors: Tensor, weights: Sequence[float], bbox_xform_clip: float,
-                 image_size: Optional[Tuple[float, float]] = None) -> Tensor:
+                 image_size: Optional[Sequence[float]] = None) -> Tensor:
+    """image_size: (H, W) to clip to, or None / [] (the op's schema) for no clipping."""
     d, a = _opmath(deltas), _opmath(anchors)
     wx, wy, ww, wh = weights
     widths = (a[:, 2] - a[:, 0])[:, None]
@@ -38,7 +39,7 @@ def decode_boxes(deltas: Tensor, anchors: Tensor, weights: Sequence[float], bbox
     pcx, pcy = dx * widths + ctr_x, dy * heights + ctr_y
     hw, hh = 0.5 * (torch.exp(dw) * widths), 0.5 * (torch.exp(dh) * heights)
     x1, y1, x2, y2 = pcx - hw, pcy - hh, pcx + hw, pcy + hh
-    if image_size is not None:
+    if image_size is not None and len(image_size) == 2:
         h, w = image_size
         x1, x2 = x1.clamp(0, w), x2.clamp(0, w)
         y1, y2 = y1.clamp(0, h), y2.clamp(0, h)

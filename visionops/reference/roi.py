@@ -21,12 +21,15 @@ RoIPool::
     the gradient goes to the first cell (row-major) holding a strictly larger value than all before it.
 """
 import math
+from typing import Callable, List
 
 import torch
 from torch import Tensor
 
+from visionops import _registry as registry
+
 _FLT_MAX = 3.4028234663852886e38
-_MAX_GRID = 1 << 16
+_MAX_GRID = registry.limit("roi_align_max_grid")  # adaptive grid cap per axis (csrc/ops/common/roi_align.h)
 
 
 def _opmath(t: Tensor) -> Tensor:
@@ -110,6 +113,18 @@ def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: 
     if not outs:  # still part of the graph, so an empty result can be backpropagated
         return (x.new_zeros(0, C, pooled_height, pooled_width) + 0 * x.sum()).to(input.dtype)
     return torch.stack(outs).to(input.dtype)
+
+
+def multi_scale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, scales: List[float],
+                          pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool, *,
+                          per_level: Callable = roi_align) -> Tensor:
+    """RoI k pooled from ``features[levels[k]]`` at ``scales[levels[k]]``: torchvision's loop over the levels, each
+    level's RoIs through ``per_level`` (a roi_align with the schema's signature)."""
+    result = features[0].new_zeros((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        idx = torch.where(levels == level)[0]
+        result[idx] = per_level(feature, rois[idx], scale, pooled_height, pooled_width, sampling_ratio, aligned)
+    return result
 
 
 def roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:

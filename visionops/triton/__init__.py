@@ -5,8 +5,8 @@ kernels also run on CPU tensors, which is how the test-suite runs them without a
 """
 try:
     import triton  # noqa: F401
-except ImportError:  # backend="triton" then raises a clear ValueError (visionops._backend)
+except ImportError:  # backend="triton" then raises a clear ValueError (visionops._registry)
     pass
 else:
     # each module registers its torch.ops.visionops.triton_* ops
-    from visionops.triton import anchors, box_coder, nms, poolers, roi  # noqa: F401
+    from visionops.triton import anchors, box_coder, nms, roi  # noqa: F401

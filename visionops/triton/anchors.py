@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from visionops import _registry as registry
+
 
 @triton.jit
 def _grid_anchors_kernel(cells_ptr, meta_ptr, strides_ptr, out_ptr, num_levels, total, num_images, offset,
@@ -58,7 +60,7 @@ def _grid_anchors_kernel(cells_ptr, meta_ptr, strides_ptr, out_ptr, num_levels, 
 _BLOCK = 256
 
 
-@torch.library.custom_op("visionops::triton_grid_anchors", mutates_args=())
+@registry.triton_op("grid_anchors")
 def triton_grid_anchors(cell_anchors: Tensor, num_cell_anchors: List[int], grid_sizes: List[int],
                         strides: List[float], offset: float, num_images: int, dtype: torch.dtype) -> Tensor:
     """Same contract as ``torch.ops.visionops.grid_anchors`` (see csrc/ops/anchors.cpp)."""
@@ -83,12 +85,6 @@ def triton_grid_anchors(cell_anchors: Tensor, num_cell_anchors: List[int], grid_
     _grid_anchors_kernel[grid](cell_anchors.contiguous(), meta_t, strides_t, out, len(num_cell_anchors), start,
                                num_images, float(offset), F64=dtype == torch.float64, BLOCK=_BLOCK)
     return out
-
-
-@triton_grid_anchors.register_fake
-def _(cell_anchors, num_cell_anchors, grid_sizes, strides, offset, num_images, dtype):
-    total = sum(grid_sizes[2 * l] * grid_sizes[2 * l + 1] * a for l, a in enumerate(num_cell_anchors))
-    return cell_anchors.new_empty((num_images, total, 4), dtype=dtype)
 
 
 def compile_specs():

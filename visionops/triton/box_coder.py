@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from visionops.ops._autograd import refuse_double_backward
+from visionops import _registry as registry
 from visionops.triton._math import div_rn
 
 _BLOCK = 256
@@ -161,7 +161,7 @@ def _grid(n):
     return (triton.cdiv(n, _BLOCK),)
 
 
-@torch.library.custom_op("visionops::triton_decode_boxes", mutates_args=())
+@registry.triton_op("decode_boxes")
 def triton_decode_boxes(deltas: Tensor, anchors: Tensor, weights: List[float], bbox_xform_clip: float,
                         image_size: List[float]) -> Tensor:
     """Same contract as ``torch.ops.visionops.decode_boxes``."""
@@ -180,12 +180,7 @@ def triton_decode_boxes(deltas: Tensor, anchors: Tensor, weights: List[float], b
     return out
 
 
-@triton_decode_boxes.register_fake
-def _(deltas, anchors, weights, bbox_xform_clip, image_size):
-    return torch.empty_like(deltas, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("visionops::triton_decode_boxes_backward", mutates_args=())
+@registry.triton_op("decode_boxes", backward=True)
 def triton_decode_boxes_backward(grad: Tensor, deltas: Tensor, anchors: Tensor, weights: List[float],
                                  bbox_xform_clip: float, image_size: List[float]) -> Tuple[Tensor, Tensor]:
     g, d, a = grad.contiguous().to(deltas.dtype), deltas.contiguous(), anchors.contiguous()
@@ -200,29 +195,7 @@ def triton_decode_boxes_backward(grad: Tensor, deltas: Tensor, anchors: Tensor, 
     return gd, ga
 
 
-@triton_decode_boxes_backward.register_fake
-def _(grad, deltas, anchors, weights, bbox_xform_clip, image_size):
-    return (torch.empty_like(deltas, memory_format=torch.contiguous_format),
-            torch.empty_like(anchors, memory_format=torch.contiguous_format))
-
-
-def _decode_setup_context(ctx, inputs, output):
-    deltas, anchors, weights, clip, image_size = inputs
-    ctx.save_for_backward(deltas, anchors)
-    ctx.args = (weights, clip, image_size)
-
-
-def _decode_backward(ctx, grad):
-    deltas, anchors = ctx.saved_tensors
-    gd, ga = triton_decode_boxes_backward(grad, deltas, anchors, *ctx.args)
-    return gd, ga, None, None, None
-
-
-triton_decode_boxes.register_autograd(_decode_backward, setup_context=_decode_setup_context)
-refuse_double_backward(triton_decode_boxes_backward, "decode_boxes")
-
-
-@torch.library.custom_op("visionops::triton_encode_boxes", mutates_args=())
+@registry.triton_op("encode_boxes")
 def triton_encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: List[float]) -> Tensor:
     """Same contract as ``torch.ops.visionops.encode_boxes``."""
     torch._check(reference_boxes.shape == proposals.shape and reference_boxes.dtype == proposals.dtype,
@@ -236,12 +209,7 @@ def triton_encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Lis
     return out
 
 
-@triton_encode_boxes.register_fake
-def _(reference_boxes, proposals, weights):
-    return torch.empty_like(reference_boxes, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("visionops::triton_filter_boxes", mutates_args=())
+@registry.triton_op("filter_boxes")
 def triton_filter_boxes(boxes: Tensor, scores: Tensor, score_threshold: float, min_size: float) -> Tensor:
     """Same contract as ``torch.ops.visionops.filter_boxes``."""
     b, s = boxes.contiguous(), scores.contiguous().to(boxes.dtype)
@@ -254,11 +222,6 @@ def triton_filter_boxes(boxes: Tensor, scores: Tensor, score_threshold: float, m
     lo = torch.tensor(min_size, dtype=b.dtype).item()
     _filter_boxes_kernel[_grid(n)](b, s, keep, n, float(thr), float(lo), BLOCK=_BLOCK)
     return torch.nonzero(keep).view(-1)
-
-
-@triton_filter_boxes.register_fake
-def _(boxes, scores, score_threshold, min_size):
-    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
 
 
 def compile_specs():

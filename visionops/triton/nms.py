@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from visionops.ops._autograd import refuse_double_backward
+from visionops import _registry as registry
 from visionops.triton._math import div_rn
 
 BLOCK = 64  # boxes per tile = bits per mask word
@@ -137,24 +137,14 @@ def _nms(boxes: Tensor, scores: Tensor, idxs, iou_threshold: float) -> Tensor:
     return order[keep.bool()]
 
 
-@torch.library.custom_op("visionops::triton_nms", mutates_args=())
+@registry.triton_op("nms")
 def triton_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     return _nms(boxes, scores, None, iou_threshold)
 
 
-@torch.library.custom_op("visionops::triton_batched_nms", mutates_args=())
+@registry.triton_op("batched_nms")
 def triton_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     return _nms(boxes, scores, idxs, iou_threshold)
-
-
-@triton_nms.register_fake
-def _(boxes, scores, iou_threshold):
-    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
-
-
-@triton_batched_nms.register_fake
-def _(boxes, scores, idxs, iou_threshold):
-    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
 
 
 # ---- box_iou --------------------------------------------------------------------------------------------------
@@ -260,7 +250,7 @@ def box_iou_backward_kernel(grad_ptr, own_ptr, other_ptr, out_ptr, n, m, OWN_IS_
 BM, BN = 32, 32
 
 
-@torch.library.custom_op("visionops::triton_box_iou", mutates_args=())
+@registry.triton_op("box_iou")
 def triton_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     a, b = boxes1.contiguous(), boxes2.contiguous()
     n, m = a.shape[0], b.shape[0]
@@ -270,7 +260,7 @@ def triton_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return out
 
 
-@torch.library.custom_op("visionops::triton_box_iou_backward", mutates_args=())
+@registry.triton_op("box_iou", backward=True)
 def triton_box_iou_backward(grad: Tensor, boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     g, a, b = grad.contiguous(), boxes1.contiguous(), boxes2.contiguous()
     n, m = a.shape[0], b.shape[0]
@@ -279,28 +269,6 @@ def triton_box_iou_backward(grad: Tensor, boxes1: Tensor, boxes2: Tensor) -> tup
         box_iou_backward_kernel[(triton.cdiv(n, BM),)](g, a, b, ga, n, m, OWN_IS_FIRST=True, BM=BM, BN=BN)
         box_iou_backward_kernel[(triton.cdiv(m, BM),)](g, b, a, gb, m, n, OWN_IS_FIRST=False, BM=BM, BN=BN)
     return ga, gb
-
-
-@triton_box_iou.register_fake
-def _(boxes1, boxes2):
-    return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]))
-
-
-@triton_box_iou_backward.register_fake
-def _(grad, boxes1, boxes2):
-    return torch.empty_like(boxes1), torch.empty_like(boxes2)
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad):
-    return triton_box_iou_backward(grad, *ctx.saved_tensors)
-
-
-triton_box_iou.register_autograd(_backward, setup_context=_setup)
-refuse_double_backward(triton_box_iou_backward, "box_iou")
 
 
 def compile_specs():

@@ -4,8 +4,8 @@ Same math as visionops/reference/roi.py and csrc/ops/common/roi_{align,pool}.h, 
 per (RoI, bin) and block of channels: the RoI geometry and each sample's taps are scalar work shared by the channel
 block; features are read through their strides, so channels_last input is read in place.
 
-The RoIAlign kernels take their feature maps as a tuple of levels (1 for roi_align; up to MAX_LEVELS for
-visionops/triton/poolers.py, MultiScaleRoIAlign in one launch): each RoI reads its level index and picks that
+The RoIAlign kernels take their feature maps as a tuple of levels (1 for roi_align; up to the C++ kernels' level
+limit for multi_scale_roi_align, MultiScaleRoIAlign in one launch): each RoI reads its level index and picks that
 level's pointer, sizes, strides and scale with a select chain over the levels (`_pick`), as the CUDA kernel indexes
 its level table. Backward kernels scatter into float32 buffers with float atomics (cast to the gradient's dtype
 afterwards) or, under ``torch.use_deterministic_algorithms(True)``, into 64-bit fixed-point sums with integer
@@ -22,15 +22,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from visionops.ops.roi import register_roi_align, register_roi_pool
+from visionops import _registry as registry
 from visionops.triton import _fixed_point
 from visionops.triton._fixed_point import load_scale, scatter_add
 from visionops.triton._math import div_rn
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 BLOCK_C = 64  # channels per program
-MAX_GRID = tl.constexpr(65536)  # adaptive sampling grid cap per axis (csrc/ops/common/roi_align.h)
-MAX_LEVELS = 8  # feature levels one RoIAlign launch takes, as the CUDA kernel (each count compiles a variant)
+MAX_GRID = tl.constexpr(registry.limit("roi_align_max_grid"))  # adaptive sampling grid cap per axis
 
 
 @triton.jit
@@ -235,7 +234,7 @@ def _roi_pool_bwd_kernel(g_ptr, x_ptr, rois_ptr, gin_ptr, flags_ptr, scale_ptr, 
                 DETERMINISTIC)
 
 
-# ---- launchers (shared with visionops/triton/poolers.py) and custom ops ------------------------------------------
+# ---- launchers and custom ops ------------------------------------------
 
 
 def _grid(k, ph, pw, c):
@@ -291,13 +290,13 @@ def align_backward(grad: Tensor, rois: Tensor, levels: Optional[Tensor], scales:
     return _finish(dsts, flags, scale, grad.dtype)
 
 
-@torch.library.custom_op("visionops::triton_roi_align", mutates_args=())
+@registry.triton_op("roi_align")
 def triton_roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                      sampling_ratio: int, aligned: bool) -> Tensor:
     return align_forward([input], rois, None, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned)
 
 
-@torch.library.custom_op("visionops::triton_roi_align_backward", mutates_args=())
+@registry.triton_op("roi_align", backward=True)
 def triton_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                               batch_size: int, channels: int, height: int, width: int, sampling_ratio: int,
                               aligned: bool) -> Tensor:
@@ -305,7 +304,7 @@ def triton_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, 
                           [(batch_size, channels, height, width)], sampling_ratio, aligned)[0]
 
 
-@torch.library.custom_op("visionops::triton_roi_pool", mutates_args=())
+@registry.triton_op("roi_pool")
 def triton_roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                     pooled_width: int) -> Tensor:
     B, C, H, W = input.shape
@@ -319,7 +318,7 @@ def triton_roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_he
     return out
 
 
-@torch.library.custom_op("visionops::triton_roi_pool_backward", mutates_args=())
+@registry.triton_op("roi_pool", backward=True)
 def triton_roi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                              pooled_width: int) -> Tensor:
     B, C, H, W = input.shape
@@ -334,8 +333,24 @@ def triton_roi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_
     return _finish([gin], [flags], scale, grad.dtype)[0]
 
 
-register_roi_align(triton_roi_align, triton_roi_align_backward)
-register_roi_pool(triton_roi_pool, triton_roi_pool_backward)
+@registry.triton_op("multi_scale_roi_align")
+def triton_multi_scale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, scales: List[float],
+                                 pooled_height: int, pooled_width: int, sampling_ratio: int,
+                                 aligned: bool) -> Tensor:
+    """MultiScaleRoIAlign in one launch: RoI k pooled from features[levels[k]] (a level out of range gives zeros)."""
+    return align_forward(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned)
+
+
+@registry.triton_op("multi_scale_roi_align", backward=True)
+def triton_multi_scale_roi_align_backward(grad: Tensor, rois: Tensor, levels: Tensor, scales: List[float],
+                                          pooled_height: int, pooled_width: int, feature_shapes: List[int],
+                                          sampling_ratio: int, aligned: bool) -> List[Tensor]:
+    """Every level's gradient in one launch (feature_shapes: [B, C, H, W] of every level, concatenated). Each level
+    gets its own buffer rather than a view of one flat buffer: a custom op's outputs may not alias each other."""
+    shapes = [feature_shapes[i:i + 4] for i in range(0, len(feature_shapes), 4)]
+    if list(grad.shape) != [rois.shape[0], shapes[0][1], pooled_height, pooled_width]:
+        raise ValueError(f"multi_scale_roi_align backward: grad must have shape [K, C, PH, PW], got {list(grad.shape)}")
+    return align_backward(grad, rois, levels, scales, pooled_height, pooled_width, shapes, sampling_ratio, aligned)
 
 
 def compile_specs():

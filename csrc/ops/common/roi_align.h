@@ -26,6 +26,10 @@ struct RoIAlignGeom {
 // infinite or huge RoI; here a non-finite size gives no samples (zeros) and a huge one is capped.
 constexpr int64_t kMaxRoIAlignGrid = 1 << 16;
 
+// Feature levels one multi-level RoIAlign launch takes (CUDA level table, Triton kernel variants); MultiScaleRoIAlign
+// loops over levels past it. Python reads both limits from _build_info().
+constexpr int kMaxRoIAlignLevels = 8;
+
 // Cells per axis up to which a bin's weights are merged separably (roi_align_bin_axis); wider bins go per sample.
 constexpr int kRoIAlignBinSpan = 4;
 

@@ -28,7 +28,7 @@
 namespace visionops {
 namespace {
 
-constexpr int kMaxLevels = 8;
+constexpr int kMaxLevels = kMaxRoIAlignLevels;
 
 // The feature levels of one call (a single one for roi_align), passed by value to the kernels. RoI k uses level
 // levels[k] (0 without a levels tensor); a level index or batch index out of range gives zeros and no gradient.
