@@ -47,25 +47,25 @@ __global__ void roi_align_forward_kernel_impl(Levels<scalar_t, T> L, const T* __
                                               const int64_t* __restrict__ lvl, index_t n, index_t C, index_t PH,
                                               index_t PW, int sampling_ratio, bool aligned,
                                               scalar_t* __restrict__ out) {
-  const index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= n) return;
-  const Unravel<index_t> u(idx, C, PH, PW);
-  const index_t pw = u.pw, ph = u.ph, c = u.c, k = u.k;
-  const int64_t l = lvl ? lvl[k] : 0;
-  T acc = 0, count = 1;
-  if (l >= 0 && l < L.n) {
-    const int64_t H = L.H[l], W = L.W[l];
-    const Strides4 sx = L.s[l];
-    const RoIAlignGeom<T> g = roi_align_geom<T>(rois + 5 * static_cast<int64_t>(k), L.scale[l], PH, PW,
-                                                sampling_ratio, aligned);
-    count = g.count;
-    if (g.batch >= 0 && g.batch < L.B[l]) {
-      const scalar_t* xp = L.x[l] + g.batch * sx.n + c * sx.c;
-      roi_align_bin_taps(g, ph, pw, H, W,
-                         [&](int64_t y, int64_t x, T w) { acc += w * static_cast<T>(xp[y * sx.h + x * sx.w]); });
+  VISIONOPS_KERNEL_LOOP(index_t, idx, n) {
+    const Unravel<index_t> u(idx, C, PH, PW);
+    const index_t pw = u.pw, ph = u.ph, c = u.c, k = u.k;
+    const int64_t l = lvl ? lvl[k] : 0;
+    T acc = 0, count = 1;
+    if (l >= 0 && l < L.n) {
+      const int64_t H = L.H[l], W = L.W[l];
+      const Strides4 sx = L.s[l];
+      const RoIAlignGeom<T> g = roi_align_geom<T>(rois + 5 * static_cast<int64_t>(k), L.scale[l], PH, PW,
+                                                  sampling_ratio, aligned);
+      count = g.count;
+      if (g.batch >= 0 && g.batch < L.B[l]) {
+        const scalar_t* xp = L.x[l] + g.batch * sx.n + c * sx.c;
+        roi_align_bin_taps(g, ph, pw, H, W,
+                           [&](int64_t y, int64_t x, T w) { acc += w * static_cast<T>(xp[y * sx.h + x * sx.w]); });
+      }
     }
+    out[idx] = static_cast<scalar_t>(acc / count);
   }
-  out[idx] = static_cast<scalar_t>(acc / count);
 }
 
 // Scatter of one grad element into the flat (all levels, NCHW each) gradient: float atomics into an op-math
@@ -76,25 +76,25 @@ __global__ void roi_align_backward_kernel_impl(const scalar_t* __restrict__ grad
                                                const T* __restrict__ rois, const int64_t* __restrict__ lvl, index_t n,
                                                index_t C, index_t PH, index_t PW, int sampling_ratio, bool aligned,
                                                T* __restrict__ gin, FixedPointSum fp) {
-  const index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= n) return;
-  const Unravel<index_t> u(idx, C, PH, PW);
-  const index_t pw = u.pw, ph = u.ph, c = u.c, k = u.k;
-  const int64_t l = lvl ? lvl[k] : 0;
-  if (l < 0 || l >= L.n) return;
-  const int64_t H = L.H[l], W = L.W[l];
-  const RoIAlignGeom<T> g = roi_align_geom<T>(rois + 5 * static_cast<int64_t>(k), L.scale[l], PH, PW,
-                                              sampling_ratio, aligned);
-  if (g.batch < 0 || g.batch >= L.B[l]) return;
-  const T go = static_cast<T>(grad[k * sg.n + c * sg.c + ph * sg.h + pw * sg.w]);
-  const int64_t base = L.off[l] + (g.batch * C + c) * H * W;
-  double fp_scale = 0;
-  if constexpr (kDeterministic) fp_scale = fp.scale();
-  roi_align_bin_taps(g, ph, pw, H, W, [&](int64_t y, int64_t x, T w) {
-    const T v = go * w / g.count;
-    if constexpr (kDeterministic) fp.add(base + y * W + x, static_cast<double>(v), fp_scale);
-    else atomicAdd(gin + base + y * W + x, v);
-  });
+  VISIONOPS_KERNEL_LOOP(index_t, idx, n) {
+    const Unravel<index_t> u(idx, C, PH, PW);
+    const index_t pw = u.pw, ph = u.ph, c = u.c, k = u.k;
+    const int64_t l = lvl ? lvl[k] : 0;
+    if (l < 0 || l >= L.n) continue;
+    const int64_t H = L.H[l], W = L.W[l];
+    const RoIAlignGeom<T> g = roi_align_geom<T>(rois + 5 * static_cast<int64_t>(k), L.scale[l], PH, PW,
+                                                sampling_ratio, aligned);
+    if (g.batch < 0 || g.batch >= L.B[l]) continue;
+    const T go = static_cast<T>(grad[k * sg.n + c * sg.c + ph * sg.h + pw * sg.w]);
+    const int64_t base = L.off[l] + (g.batch * C + c) * H * W;
+    double fp_scale = 0;
+    if constexpr (kDeterministic) fp_scale = fp.scale();
+    roi_align_bin_taps(g, ph, pw, H, W, [&](int64_t y, int64_t x, T w) {
+      const T v = go * w / g.count;
+      if constexpr (kDeterministic) fp.add(base + y * W + x, static_cast<double>(v), fp_scale);
+      else atomicAdd(gin + base + y * W + x, v);
+    });
+  }
 }
 
 void check_common(const at::Tensor& rois, const at::Tensor* levels, int64_t PH, int64_t PW, size_t n_levels,

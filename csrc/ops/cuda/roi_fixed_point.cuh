@@ -18,6 +18,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "ops/cuda/launch.cuh"
+
 namespace visionops {
 
 struct FixedPointSum {
@@ -45,14 +47,14 @@ struct FixedPointSum {
 
 template <typename scalar_t>
 __global__ void fixed_point_finish_kernel(FixedPointSum s, int64_t n, scalar_t* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const int f = s.flags[i];
-  double v = static_cast<double>(static_cast<long long>(s.q[i])) / s.scale();
-  if (f & 1 || (f & 6) == 6) v = __longlong_as_double(0x7ff8000000000000LL);  // NaN, or +inf + -inf
-  else if (f & 2) v = __longlong_as_double(0x7ff0000000000000LL);
-  else if (f & 4) v = -__longlong_as_double(0x7ff0000000000000LL);
-  out[i] = static_cast<scalar_t>(v);
+  VISIONOPS_KERNEL_LOOP(int64_t, i, n) {
+    const int f = s.flags[i];
+    double v = static_cast<double>(static_cast<long long>(s.q[i])) / s.scale();
+    if (f & 1 || (f & 6) == 6) v = __longlong_as_double(0x7ff8000000000000LL);  // NaN, or +inf + -inf
+    else if (f & 2) v = __longlong_as_double(0x7ff0000000000000LL);
+    else if (f & 4) v = -__longlong_as_double(0x7ff0000000000000LL);
+    out[i] = static_cast<scalar_t>(v);
+  }
 }
 
 // Buffers for a gradient shaped like `like_sizes`, the scale's input computed from `grad` (stream-ordered, no sync).
@@ -75,8 +77,7 @@ struct FixedPointBuffers {
   void finish(FixedPointSum s, at::Tensor& out, cudaStream_t stream) {
     const int64_t n = out.numel();
     if (n == 0) return;
-    fixed_point_finish_kernel<scalar_t><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        s, n, out.data_ptr<scalar_t>());
+    fixed_point_finish_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(s, n, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

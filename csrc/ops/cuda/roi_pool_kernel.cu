@@ -55,11 +55,11 @@ template <typename scalar_t, typename T, typename index_t>
 __global__ void roi_pool_forward_kernel_impl(const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
                                              index_t n, int64_t B, index_t C, int64_t H, int64_t W, T scale,
                                              index_t PH, index_t PW, scalar_t* __restrict__ out) {
-  const index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= n) return;
-  int64_t batch, arg;
-  const Unravel<index_t> u(idx, C, PH, PW);
-  out[idx] = static_cast<scalar_t>(bin_max(x, sx, rois, u, B, H, W, scale, PH, PW, batch, arg));
+  VISIONOPS_KERNEL_LOOP(index_t, idx, n) {
+    int64_t batch, arg;
+    const Unravel<index_t> u(idx, C, PH, PW);
+    out[idx] = static_cast<scalar_t>(bin_max(x, sx, rois, u, B, H, W, scale, PH, PW, batch, arg));
+  }
 }
 
 template <typename scalar_t, typename T, typename index_t, bool kDeterministic>
@@ -67,16 +67,16 @@ __global__ void roi_pool_backward_kernel_impl(const scalar_t* __restrict__ grad,
                                               const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
                                               index_t n, int64_t B, index_t C, int64_t H, int64_t W, T scale,
                                               index_t PH, index_t PW, T* __restrict__ gin, FixedPointSum fp) {
-  const index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= n) return;
-  int64_t batch, arg;
-  const Unravel<index_t> u(idx, C, PH, PW);
-  bin_max(x, sx, rois, u, B, H, W, scale, PH, PW, batch, arg);
-  if (arg < 0) return;
-  const T go = static_cast<T>(grad[u.k * sg.n + u.c * sg.c + u.ph * sg.h + u.pw * sg.w]);
-  const int64_t dst = (batch * C + u.c) * H * W + arg;
-  if constexpr (kDeterministic) fp.add(dst, static_cast<double>(go), fp.scale());
-  else atomicAdd(gin + dst, go);
+  VISIONOPS_KERNEL_LOOP(index_t, idx, n) {
+    int64_t batch, arg;
+    const Unravel<index_t> u(idx, C, PH, PW);
+    bin_max(x, sx, rois, u, B, H, W, scale, PH, PW, batch, arg);
+    if (arg < 0) continue;
+    const T go = static_cast<T>(grad[u.k * sg.n + u.c * sg.c + u.ph * sg.h + u.pw * sg.w]);
+    const int64_t dst = (batch * C + u.c) * H * W + arg;
+    if constexpr (kDeterministic) fp.add(dst, static_cast<double>(go), fp.scale());
+    else atomicAdd(gin + dst, go);
+  }
 }
 
 void check_args(const at::Tensor& input, const at::Tensor& rois, int64_t PH, int64_t PW, const char* op) {
