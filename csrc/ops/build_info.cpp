@@ -26,5 +26,5 @@ std::string build_info() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(visionops, m) {
-  m.def("_build_info() -> str", &build_info);
+  m.def("_build_info() -> str", TORCH_FN(build_info));
 }

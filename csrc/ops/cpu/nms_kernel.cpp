@@ -277,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor> box_iou_backward_kernel(const at::Tensor& gra
 }  // namespace visionops
 
 TORCH_LIBRARY_IMPL(visionops, CPU, m) {
-  m.impl("nms", &visionops::nms_kernel);
-  m.impl("batched_nms", &visionops::batched_nms_kernel);
-  m.impl("box_iou", &visionops::box_iou_kernel);
-  m.impl("_box_iou_backward", &visionops::box_iou_backward_kernel);
+  m.impl("nms", TORCH_FN(visionops::nms_kernel));
+  m.impl("batched_nms", TORCH_FN(visionops::batched_nms_kernel));
+  m.impl("box_iou", TORCH_FN(visionops::box_iou_kernel));
+  m.impl("_box_iou_backward", TORCH_FN(visionops::box_iou_backward_kernel));
 }

@@ -145,8 +145,8 @@ at::Tensor filter_boxes_kernel(const at::Tensor& boxes, const at::Tensor& scores
 }  // namespace visionops
 
 TORCH_LIBRARY_IMPL(visionops, CUDA, m) {
-  m.impl("decode_boxes", &visionops::decode_boxes_forward_kernel);
-  m.impl("_decode_boxes_backward", &visionops::decode_boxes_backward_kernel);
-  m.impl("encode_boxes", &visionops::encode_boxes_forward_kernel);
-  m.impl("filter_boxes", &visionops::filter_boxes_kernel);
+  m.impl("decode_boxes", TORCH_FN(visionops::decode_boxes_forward_kernel));
+  m.impl("_decode_boxes_backward", TORCH_FN(visionops::decode_boxes_backward_kernel));
+  m.impl("encode_boxes", TORCH_FN(visionops::encode_boxes_forward_kernel));
+  m.impl("filter_boxes", TORCH_FN(visionops::filter_boxes_kernel));
 }
