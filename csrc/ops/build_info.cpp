@@ -3,6 +3,8 @@
 
 #include <torch/library.h>
 
+#include "ops/common/roi_align.h"
+
 #ifndef VISIONOPS_TORCH_VERSION
 #define VISIONOPS_TORCH_VERSION "unknown"
 #endif
@@ -21,6 +23,9 @@ std::string build_info() {
 #else
   info += ";cuda=0;cuda_arches=";
 #endif
+  // Kernel limits the Python side needs, from the constants themselves (common/roi_align.h).
+  info += ";roi_align_max_levels=" + std::to_string(visionops::kMaxRoIAlignLevels);
+  info += ";roi_align_max_grid=" + std::to_string(visionops::kMaxRoIAlignGrid);
   return info;
 }
 }  // namespace

@@ -23,8 +23,15 @@ struct RoIAlignGeom {
 };
 
 // Largest adaptive grid per axis. torchvision's int cast of ceil(size / pooled) is undefined behaviour for a NaN,
-// infinite or huge RoI; here a non-finite size gives no samples (zeros) and a huge one is capped.
+// infinite or huge RoI; here a non-finite size gives no samples (zeros) and a huge one is capped. Python reads it
+// as roi_align_max_grid in _build_info() (ops/build_info.cpp) rather than restating it.
 constexpr int64_t kMaxRoIAlignGrid = 1 << 16;
+
+// Feature levels one multi-level RoIAlign call takes on CUDA: the level table travels by value as a kernel argument.
+// The CPU kernel keeps its levels in a std::vector and takes any number (capping it would refuse direct calls that
+// work today for no gain). visionops.ops.poolers sends at most this many levels to the kernels and loops over
+// levels beyond; it reads the value as roi_align_max_levels in _build_info() (ops/build_info.cpp).
+constexpr int kMaxRoIAlignLevels = 8;
 
 // Cells per axis up to which a bin's weights are merged separably (roi_align_bin_axis); wider bins go per sample.
 constexpr int kRoIAlignBinSpan = 4;

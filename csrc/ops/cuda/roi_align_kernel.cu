@@ -28,17 +28,15 @@
 namespace visionops {
 namespace {
 
-constexpr int kMaxLevels = 8;
-
 // The feature levels of one call (a single one for roi_align), passed by value to the kernels. RoI k uses level
 // levels[k] (0 without a levels tensor); a level index or batch index out of range gives zeros and no gradient.
 template <typename scalar_t, typename T>
 struct Levels {
-  const scalar_t* x[kMaxLevels];
-  Strides4 s[kMaxLevels];
-  int64_t B[kMaxLevels], H[kMaxLevels], W[kMaxLevels];
-  int64_t off[kMaxLevels];  // start of the level in the flat gradient buffer
-  T scale[kMaxLevels];
+  const scalar_t* x[kMaxRoIAlignLevels];
+  Strides4 s[kMaxRoIAlignLevels];
+  int64_t B[kMaxRoIAlignLevels], H[kMaxRoIAlignLevels], W[kMaxRoIAlignLevels];
+  int64_t off[kMaxRoIAlignLevels];  // start of the level in the flat gradient buffer
+  T scale[kMaxRoIAlignLevels];
   int n;
 };
 
@@ -102,8 +100,8 @@ void check_common(const at::Tensor& rois, const at::Tensor* levels, int64_t PH, 
   TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must have shape [K, 5], got ", rois.sizes());
   TORCH_CHECK_VALUE(rois.is_floating_point(), op, ": rois must be a floating-point tensor");
   TORCH_CHECK_VALUE(PH > 0 && PW > 0, op, ": output_size must be positive");
-  TORCH_CHECK_VALUE(n_levels >= 1 && n_levels <= kMaxLevels && n_scales == n_levels, op,
-                    ": need 1 to ", kMaxLevels, " feature levels and one spatial scale per level");
+  TORCH_CHECK_VALUE(n_levels >= 1 && n_levels <= kMaxRoIAlignLevels && n_scales == n_levels, op,
+                    ": need 1 to ", kMaxRoIAlignLevels, " feature levels and one spatial scale per level");
   if (levels)
     TORCH_CHECK_VALUE(levels->dim() == 1 && levels->size(0) == rois.size(0) && levels->scalar_type() == at::kLong &&
                           levels->device() == rois.device(),
