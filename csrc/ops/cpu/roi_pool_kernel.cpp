@@ -23,6 +23,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "ops/common/roi_checks.h"
 #include "ops/common/roi_pool.h"
 
 namespace visionops {
@@ -169,19 +170,17 @@ void roi_pool_backward_kernel_impl(const at::Tensor& grad, const at::Tensor& x_c
   });
 }
 
-void check_args(const at::Tensor& input, const at::Tensor& rois, int64_t PH, int64_t PW, const char* op) {
-  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must have shape [N, C, H, W], got ", input.sizes());
-  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK_VALUE(rois.is_floating_point(), op, ": rois must be a floating-point tensor, got ", rois.scalar_type());
-  TORCH_CHECK_VALUE(PH > 0 && PW > 0, op, ": output_size must be positive, got (", PH, ", ", PW, ")");
-  TORCH_CHECK_VALUE(rois.size(0) == 0 || (input.size(2) > 0 && input.size(3) > 0), op,
-                    ": input must have a non-empty feature map, got ", input.sizes());
-  TORCH_CHECK_VALUE(input.size(2) * input.size(3) < (int64_t(1) << 31), op, ": H * W must be below 2^31");
+// The shared checks (ops/common/roi_checks.h), plus this kernel's own limit: argmaxes are int32 cell indices.
+void check_args(const char* op, const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t PH,
+                int64_t PW, const at::Tensor* grad) {
+  check_roi_pool_args(op, input, rois, spatial_scale, PH, PW, grad);
+  TORCH_CHECK_VALUE(input.size(2) * input.size(3) < (int64_t(1) << 31), op,
+                    ": input's H * W must be below 2^31 on the CPU, got ", input.sizes());
 }
 
 at::Tensor roi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& rois_in, double spatial_scale,
                                    int64_t pooled_height, int64_t pooled_width) {
-  check_args(input, rois_in, pooled_height, pooled_width, "roi_pool");
+  check_args("roi_pool", input, rois_in, spatial_scale, pooled_height, pooled_width, nullptr);
   const int64_t K = rois_in.size(0), B = input.size(0), C = input.size(1);
   at::Tensor out = at::empty({K, C, pooled_height, pooled_width}, input.options());
   if (K == 0) return out;
@@ -198,12 +197,8 @@ at::Tensor roi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& ro
 
 at::Tensor roi_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& rois_in,
                                     double spatial_scale, int64_t pooled_height, int64_t pooled_width) {
-  check_args(input, rois_in, pooled_height, pooled_width, "_roi_pool_backward");
-  const int64_t K = rois_in.size(0), B = input.size(0), C = input.size(1);
-  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == K && grad.size(1) == C && grad.size(2) == pooled_height &&
-                        grad.size(3) == pooled_width,
-                    "_roi_pool_backward: grad must have shape [K, C, PH, PW], got ", grad.sizes());
-  TORCH_CHECK_VALUE(grad.scalar_type() == input.scalar_type(), "_roi_pool_backward: grad and input dtypes differ");
+  check_args("_roi_pool_backward", input, rois_in, spatial_scale, pooled_height, pooled_width, &grad);
+  const int64_t K = rois_in.size(0), B = input.size(0);
   at::Tensor gin = at::zeros(input.sizes(), grad.options());
   if (K == 0 || gin.numel() == 0) return gin;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cpu", [&] {

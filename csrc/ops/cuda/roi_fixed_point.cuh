@@ -1,5 +1,6 @@
 #pragma once
-// Deterministic scatter-add for the RoI backward kernels (used when torch.are_deterministic_algorithms_enabled()).
+// The RoI backward kernels' scatter-add (scatter_roi_grad, at the end): float atomics, or, when
+// torch.are_deterministic_algorithms_enabled(), the deterministic fixed-point sum below.
 //
 // Float atomics make the summation order, and so the bits, vary run to run. Here every contribution is rounded to
 // a 64-bit fixed-point integer and added with integer atomics, which are associative: the result does not depend
@@ -8,7 +9,9 @@
 // ~2^-40 of max|grad| as resolution. Non-finite contributions are tracked in a separate flag word (NaN, +inf,
 // -inf) and restored at the end, as a float sum would. Memory: 8 + 4 bytes per gradient element, no K-fold blow-up.
 #include <cstdint>
+#include <type_traits>
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/abs.h>
 #include <ATen/ops/amax.h>
@@ -81,5 +84,27 @@ struct FixedPointBuffers {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
+
+// The scatter of a RoI backward into `out` (zero-filled, grad's dtype), the same for every RoI op: float atomics
+// into an op-math (T) buffer, or fixed-point integer atomics when torch.are_deterministic_algorithms_enabled().
+// launch(deterministic, gin, fp) launches the op's kernel, deterministic being std::true_type or std::false_type:
+// it adds to gin (nullptr when deterministic) or to fp. `terms` bounds the total weight one element of `out` can
+// receive (it sets the fixed-point scale).
+template <typename scalar_t, typename T, typename Launch>
+void scatter_roi_grad(const at::Tensor& grad, at::Tensor& out, double terms, cudaStream_t stream,
+                      const Launch& launch) {
+  if (at::globalContext().deterministicAlgorithms()) {
+    FixedPointBuffers buf(grad, out.sizes());
+    const FixedPointSum s = buf.sum(terms);
+    launch(std::true_type{}, static_cast<T*>(nullptr), s);
+    buf.finish<scalar_t>(s, out, stream);
+    return;
+  }
+  // Half gradients are accumulated in float (no half atomics, and no rounding per addition).
+  constexpr bool kSame = std::is_same_v<T, scalar_t>;
+  at::Tensor acc = kSame ? out : at::zeros(out.sizes(), out.options().dtype(c10::CppTypeToScalarType<T>::value));
+  launch(std::false_type{}, acc.data_ptr<T>(), FixedPointSum{});
+  if (!kSame) out.copy_(acc);
+}
 
 }  // namespace visionops
