@@ -15,8 +15,8 @@
 #include <tuple>
 #include <vector>
 
-#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/Tensor.h>
 
 namespace visionops {
 
@@ -71,9 +71,8 @@ inline at::Tensor roi_align(const at::Tensor& input, const at::Tensor& rois, dou
 
 // Gradient of roi_align with respect to an input of shape [batch_size, channels, height, width].
 inline at::Tensor _roi_align_backward(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
-                                      int64_t pooled_height, int64_t pooled_width, int64_t batch_size,
-                                      int64_t channels, int64_t height, int64_t width, int64_t sampling_ratio,
-                                      bool aligned) {
+                                      int64_t pooled_height, int64_t pooled_width, int64_t batch_size, int64_t channels,
+                                      int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
   static const auto handle =
       detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, int64_t, int64_t,
                             int64_t, int64_t, bool)>("visionops::_roi_align_backward");
@@ -85,9 +84,9 @@ inline at::Tensor _roi_align_backward(const at::Tensor& grad, const at::Tensor& 
 inline at::Tensor multi_scale_roi_align(at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
                                         at::ArrayRef<double> scales, int64_t pooled_height, int64_t pooled_width,
                                         int64_t sampling_ratio, bool aligned) {
-  static const auto handle = detail::op<at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&,
-                                                   at::ArrayRef<double>, int64_t, int64_t, int64_t, bool)>(
-      "visionops::multi_scale_roi_align");
+  static const auto handle =
+      detail::op<at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, int64_t,
+                            int64_t, int64_t, bool)>("visionops::multi_scale_roi_align");
   return handle.call(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned);
 }
 
@@ -101,13 +100,12 @@ inline std::vector<at::Tensor> _multi_scale_roi_align_backward(const at::Tensor&
       detail::op<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ArrayRef<double>,
                                          int64_t, int64_t, at::IntArrayRef, int64_t, bool)>(
           "visionops::_multi_scale_roi_align_backward");
-  return handle.call(grad, rois, levels, scales, pooled_height, pooled_width, feature_shapes, sampling_ratio,
-                     aligned);
+  return handle.call(grad, rois, levels, scales, pooled_height, pooled_width, feature_shapes, sampling_ratio, aligned);
 }
 
 // RoIPool; unlike torchvision it returns no argmax: the backward takes the input and finds each bin's maximum again.
-inline at::Tensor roi_pool(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
-                           int64_t pooled_height, int64_t pooled_width) {
+inline at::Tensor roi_pool(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_height,
+                           int64_t pooled_width) {
   static const auto handle =
       detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t)>("visionops::roi_pool");
   return handle.call(input, rois, spatial_scale, pooled_height, pooled_width);
@@ -129,17 +127,18 @@ inline at::Tensor _roi_pool_backward(const at::Tensor& grad, const at::Tensor& i
 inline at::Tensor grid_anchors(const at::Tensor& cell_anchors, at::IntArrayRef num_cell_anchors,
                                at::IntArrayRef grid_sizes, at::ArrayRef<double> strides, double offset,
                                int64_t num_images, at::ScalarType dtype) {
-  static const auto handle = detail::op<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                                   at::ArrayRef<double>, double, int64_t, at::ScalarType)>(
-      "visionops::grid_anchors");
+  static const auto handle =
+      detail::op<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::ArrayRef<double>, double, int64_t,
+                            at::ScalarType)>("visionops::grid_anchors");
   return handle.call(cell_anchors, num_cell_anchors, grid_sizes, strides, offset, num_images, dtype);
 }
 
 // deltas [N, 4K], anchors [N, 4] -> boxes [N, 4K]; image_size = {} or {H, W} to clip in the same pass.
 inline at::Tensor decode_boxes(const at::Tensor& deltas, const at::Tensor& anchors, at::ArrayRef<double> weights,
                                double bbox_xform_clip, at::ArrayRef<double> image_size) {
-  static const auto handle = detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double,
-                                                   at::ArrayRef<double>)>("visionops::decode_boxes");
+  static const auto handle =
+      detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double, at::ArrayRef<double>)>(
+          "visionops::decode_boxes");
   return handle.call(deltas, anchors, weights, bbox_xform_clip, image_size);
 }
 
@@ -147,25 +146,25 @@ inline at::Tensor decode_boxes(const at::Tensor& deltas, const at::Tensor& ancho
 inline detail::TensorPair _decode_boxes_backward(const at::Tensor& grad, const at::Tensor& deltas,
                                                  const at::Tensor& anchors, at::ArrayRef<double> weights,
                                                  double bbox_xform_clip, at::ArrayRef<double> image_size) {
-  static const auto handle = detail::op<detail::TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                           at::ArrayRef<double>, double, at::ArrayRef<double>)>(
-      "visionops::_decode_boxes_backward");
+  static const auto handle =
+      detail::op<detail::TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ArrayRef<double>,
+                                    double, at::ArrayRef<double>)>("visionops::_decode_boxes_backward");
   return handle.call(grad, deltas, anchors, weights, bbox_xform_clip, image_size);
 }
 
 // reference_boxes [N, 4], proposals [N, 4] -> regression targets [N, 4] (dx, dy, dw, dh).
 inline at::Tensor encode_boxes(const at::Tensor& reference_boxes, const at::Tensor& proposals,
                                at::ArrayRef<double> weights) {
-  static const auto handle = detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>)>(
-      "visionops::encode_boxes");
+  static const auto handle =
+      detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>)>("visionops::encode_boxes");
   return handle.call(reference_boxes, proposals, weights);
 }
 
 // Indices of the boxes with score >= score_threshold and both sides >= min_size.
 inline at::Tensor filter_boxes(const at::Tensor& boxes, const at::Tensor& scores, double score_threshold,
                                double min_size) {
-  static const auto handle = detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, double, double)>(
-      "visionops::filter_boxes");
+  static const auto handle =
+      detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, double, double)>("visionops::filter_boxes");
   return handle.call(boxes, scores, score_threshold, min_size);
 }
 

@@ -26,7 +26,8 @@ bool near(const at::Tensor& t, double v) { return std::abs(t.item<double>() - v)
 
 int main() {
   // Box 1 overlaps box 0 (IoU 0.81) and goes; box 2 is apart.
-  const at::Tensor boxes = at::tensor({0.f, 0.f, 10.f, 10.f, 1.f, 1.f, 10.f, 10.f, 20.f, 20.f, 30.f, 30.f}).view({3, 4});
+  const at::Tensor boxes =
+      at::tensor({0.f, 0.f, 10.f, 10.f, 1.f, 1.f, 10.f, 10.f, 20.f, 20.f, 30.f, 30.f}).view({3, 4});
   const at::Tensor scores = at::tensor({0.9f, 0.8f, 0.7f});
   const at::Tensor keep = visionops::nms(boxes, scores, 0.5);
   check(keep.size(0) == 2 && keep[0].item<int64_t>() == 0 && keep[1].item<int64_t>() == 2, "nms");
@@ -47,8 +48,8 @@ int main() {
   const at::Tensor ms = visionops::multi_scale_roi_align(features, rois2, levels, scales, 2, 2, 2, false);
   check(ms.size(0) == 2 && near(ms.sum(), 8.0), "multi_scale_roi_align");
   const std::vector<int64_t> shapes{1, 1, 4, 4, 1, 1, 2, 2};
-  const std::vector<at::Tensor> ms_grads = visionops::_multi_scale_roi_align_backward(
-      at::ones({2, 1, 2, 2}), rois2, levels, scales, 2, 2, shapes, 2, false);
+  const std::vector<at::Tensor> ms_grads =
+      visionops::_multi_scale_roi_align_backward(at::ones({2, 1, 2, 2}), rois2, levels, scales, 2, 2, shapes, 2, false);
   check(ms_grads.size() == 2 && near(ms_grads[0].sum(), 4.0) && near(ms_grads[1].sum(), 4.0),
         "_multi_scale_roi_align_backward");
   const at::Tensor ramp = at::arange(16, at::kFloat).view({1, 1, 4, 4});

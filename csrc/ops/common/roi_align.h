@@ -15,7 +15,7 @@ namespace visionops {
 
 template <typename T>
 struct RoIAlignGeom {
-  int64_t batch;     // batch index as read from the RoI (range-checked by the caller)
+  int64_t batch;  // batch index as read from the RoI (range-checked by the caller)
   T start_h, start_w;
   T bin_h, bin_w;
   int64_t grid_h, grid_w;  // samples per bin along each axis (0 for a NaN/inverted RoI: no samples)
@@ -46,7 +46,7 @@ VISIONOPS_HOST_DEVICE inline int64_t roi_align_grid(int sampling_ratio, T size, 
 
 template <typename T, typename R>
 VISIONOPS_HOST_DEVICE inline RoIAlignGeom<T> roi_align_geom(const R* roi, T spatial_scale, int64_t pooled_h,
-                                                             int64_t pooled_w, int sampling_ratio, bool aligned) {
+                                                            int64_t pooled_w, int sampling_ratio, bool aligned) {
   RoIAlignGeom<T> g;
   const T b = static_cast<T>(roi[0]);
   // Truncated like torchvision's int cast; a NaN/inf index becomes -1, which the range check rejects.

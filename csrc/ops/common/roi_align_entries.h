@@ -50,16 +50,15 @@ struct RoIAlignEntries {
   static std::vector<at::Tensor> multi_scale_roi_align_backward(const at::Tensor& grad, const at::Tensor& rois,
                                                                 const at::Tensor& levels, at::ArrayRef<double> scales,
                                                                 int64_t pooled_height, int64_t pooled_width,
-                                                                at::IntArrayRef feature_shapes,
-                                                                int64_t sampling_ratio, bool aligned) {
+                                                                at::IntArrayRef feature_shapes, int64_t sampling_ratio,
+                                                                bool aligned) {
     return backward("_multi_scale_roi_align_backward", grad, rois, &levels, scales, pooled_height, pooled_width,
                     feature_shapes, sampling_ratio, aligned);
   }
 
  private:
   static at::Tensor forward(const char* op, at::TensorList features, const at::Tensor& rois, const at::Tensor* levels,
-                            at::ArrayRef<double> scales, int64_t ph, int64_t pw, int64_t sampling_ratio,
-                            bool aligned) {
+                            at::ArrayRef<double> scales, int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned) {
     RoIArgs args{op, rois, ph, pw, scales};
     args.levels = levels;
     args.features = features;
@@ -68,8 +67,8 @@ struct RoIAlignEntries {
   }
 
   static std::vector<at::Tensor> backward(const char* op, const at::Tensor& grad, const at::Tensor& rois,
-                                          const at::Tensor* levels, at::ArrayRef<double> scales, int64_t ph,
-                                          int64_t pw, at::IntArrayRef shapes, int64_t sampling_ratio, bool aligned) {
+                                          const at::Tensor* levels, at::ArrayRef<double> scales, int64_t ph, int64_t pw,
+                                          at::IntArrayRef shapes, int64_t sampling_ratio, bool aligned) {
     RoIArgs args{op, rois, ph, pw, scales};
     args.levels = levels;
     args.feature_shapes = shapes;

@@ -73,8 +73,8 @@ inline void check_roi_args(const RoIArgs& a, size_t max_levels = kAnyLevelCount)
                        f.scalar_type());
       TORCH_CHECK_TYPE(f.scalar_type() == a.features[0].scalar_type(), op, ": ", name, " must have the dtype of ",
                        "features[0] (", a.features[0].scalar_type(), "), got ", f.scalar_type());
-      TORCH_CHECK_VALUE(f.device() == rois.device(), op, ": ", name, " must be on the device of rois (",
-                        rois.device(), "), got ", f.device());
+      TORCH_CHECK_VALUE(f.device() == rois.device(), op, ": ", name, " must be on the device of rois (", rois.device(),
+                        "), got ", f.device());
       s = f.sizes();
     } else {
       s = a.feature_shapes.slice(4 * l, 4);
@@ -84,15 +84,14 @@ inline void check_roi_args(const RoIArgs& a, size_t max_levels = kAnyLevelCount)
     if (l == 0) C = s[1];
     TORCH_CHECK_VALUE(s[1] == C, op, ": all feature levels must have the same channels (", C, "), ", name, " has ",
                       s[1]);
-    TORCH_CHECK_VALUE(K == 0 || (s[2] > 0 && s[3] > 0), op, ": ", name, " must have a non-empty feature map, got ",
-                      s);
+    TORCH_CHECK_VALUE(K == 0 || (s[2] > 0 && s[3] > 0), op, ": ", name, " must have a non-empty feature map, got ", s);
   }
   if (a.grad) {
     const at::Tensor& g = *a.grad;
-    TORCH_CHECK_VALUE(g.dim() == 4 && g.size(0) == K && g.size(1) == C && g.size(2) == a.pooled_h &&
-                          g.size(3) == a.pooled_w,
-                      op, ": grad must have shape [K, C, PH, PW] = [", K, ", ", C, ", ", a.pooled_h, ", ",
-                      a.pooled_w, "], got ", g.sizes());
+    TORCH_CHECK_VALUE(
+        g.dim() == 4 && g.size(0) == K && g.size(1) == C && g.size(2) == a.pooled_h && g.size(3) == a.pooled_w, op,
+        ": grad must have shape [K, C, PH, PW] = [", K, ", ", C, ", ", a.pooled_h, ", ", a.pooled_w, "], got ",
+        g.sizes());
     TORCH_CHECK_TYPE(g.is_floating_point(), op, ": grad must be a floating-point tensor, got ", g.scalar_type());
     if (!a.features.empty())
       TORCH_CHECK_TYPE(g.scalar_type() == a.features[0].scalar_type(), op, ": grad must have the dtype of input (",

@@ -9,8 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/common/anchors.h"

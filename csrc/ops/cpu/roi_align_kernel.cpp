@@ -18,9 +18,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/common/roi_align.h"
@@ -100,7 +100,11 @@ void roi_align_forward_kernel_impl(const std::vector<Level<scalar_t>>& levels, c
           // 16 channels live in four vector registers across the bin's taps (gcc does not find this by itself:
           // it keeps a fixed-size accumulator array in scalar registers).
           typedef float vf4 __attribute__((vector_size(16)));
-          auto load = [](const float* p) { vf4 v; std::memcpy(&v, p, sizeof v); return v; };
+          auto load = [](const float* p) {
+            vf4 v;
+            std::memcpy(&v, p, sizeof v);
+            return v;
+          };
           for (; c0 + 16 <= C; c0 += 16) {
             vf4 a0 = {}, a1 = {}, a2 = {}, a3 = {};
             for (int64_t e = e0; e < e1; ++e) {
@@ -216,8 +220,8 @@ struct CpuRoIAlign {
       std::vector<Level<scalar_t>> lv;
       for (size_t l = 0; l < features.size(); ++l) {
         keep.push_back(features[l].contiguous(at::MemoryFormat::ChannelsLast));
-        lv.push_back({keep.back().data_ptr<scalar_t>(), keep.back().size(0), keep.back().size(2),
-                      keep.back().size(3), scales[l]});
+        lv.push_back({keep.back().data_ptr<scalar_t>(), keep.back().size(0), keep.back().size(2), keep.back().size(3),
+                      scales[l]});
       }
       roi_align_forward_kernel_impl<scalar_t>(lv, lvl, rois.data_ptr<T>(), K, C, PH, PW, sampling_ratio, aligned,
                                               out.data_ptr<scalar_t>());

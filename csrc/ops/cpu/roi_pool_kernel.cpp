@@ -18,9 +18,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/common/roi_checks.h"
@@ -52,7 +52,11 @@ void bin_max(const scalar_t* xb, int64_t C, int64_t W, int64_t h0, int64_t h1, i
     // 8 channels' running max and argmax stay in vector registers across the bin's cells.
     typedef float vf4 __attribute__((vector_size(16)));
     typedef int32_t vi4 __attribute__((vector_size(16)));
-    auto load = [](const float* p) { vf4 v; std::memcpy(&v, p, sizeof v); return v; };
+    auto load = [](const float* p) {
+      vf4 v;
+      std::memcpy(&v, p, sizeof v);
+      return v;
+    };
     auto pick = [](vi4 mask, vi4 x, vi4 y) { return (x & mask) | (y & ~mask); };
     for (; c0 + 8 <= n; c0 += 8) {
       vf4 m0 = {init, init, init, init}, m1 = m0;

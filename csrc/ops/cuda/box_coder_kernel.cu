@@ -36,7 +36,8 @@ __global__ void decode_boxes_forward_kernel_impl(const scalar_t* __restrict__ de
 // One thread per anchor: it sums its K deltas' contributions, so there are no atomics and the result is
 // deterministic.
 template <typename scalar_t>
-__global__ void decode_boxes_backward_kernel_impl(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ deltas,
+__global__ void decode_boxes_backward_kernel_impl(const scalar_t* __restrict__ grad,
+                                                  const scalar_t* __restrict__ deltas,
                                                   const scalar_t* __restrict__ anchors, int64_t n, int64_t k,
                                                   const BoxCoderParams<at::opmath_type<scalar_t>> p,
                                                   scalar_t* __restrict__ grad_deltas,
@@ -87,9 +88,8 @@ at::Tensor decode_boxes_forward_kernel(const at::Tensor& deltas, const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_kernel(const at::Tensor& grad, const at::Tensor& deltas,
-                                                                const at::Tensor& anchors,
-                                                                at::ArrayRef<double> weights, double clip,
-                                                                at::ArrayRef<double> image_size) {
+                                                                const at::Tensor& anchors, at::ArrayRef<double> weights,
+                                                                double clip, at::ArrayRef<double> image_size) {
   check_decode_args(deltas, anchors, weights, image_size);
   TORCH_CHECK(grad.sizes() == deltas.sizes(), "decode_boxes backward: grad must have the shape of deltas");
   const c10::cuda::CUDAGuard guard(deltas.device());

@@ -28,9 +28,9 @@ inline unsigned blocks_for(int64_t n, int threads = kThreads) {
 }
 
 // Grid-stride loop over [0, n). The stride is computed in index_t: with_index_type leaves room for it.
-#define VISIONOPS_KERNEL_LOOP(index_t, i, n)                                                      \
-  for (index_t i = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) + threadIdx.x; \
-       i < (n); i += static_cast<index_t>(gridDim.x) * static_cast<index_t>(blockDim.x))
+#define VISIONOPS_KERNEL_LOOP(index_t, i, n)                                                                   \
+  for (index_t i = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) + threadIdx.x; i < (n); \
+       i += static_cast<index_t>(gridDim.x) * static_cast<index_t>(blockDim.x))
 
 // Runs body(index_t{}) with index_t = int32_t when every index a VISIONOPS_KERNEL_LOOP over n can form (up to n - 1
 // plus one grid stride of blocks_for(n) blocks of at most kThreads) fits, int64_t otherwise.

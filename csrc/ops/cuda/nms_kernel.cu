@@ -108,7 +108,8 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores, cons
     sorted_order = order.index_select(0, rank);
     cls = cls_sorted.contiguous();
     // End of the class of each row block's last row, as a number of column blocks past the row block.
-    const at::Tensor last_rows = at::arange(col_blocks, order.options()).mul_(kBlock).add_(kBlock - 1).clamp_max_(n - 1);
+    const at::Tensor last_rows =
+        at::arange(col_blocks, order.options()).mul_(kBlock).add_(kBlock - 1).clamp_max_(n - 1);
     const at::Tensor seg_end = at::searchsorted(cls, cls.index_select(0, last_rows), false, /*right=*/true);
     band = seg_end.add(kBlock - 1).div_(kBlock, "floor").sub_(at::arange(col_blocks, order.options())).contiguous();
     W = band.max().item<int64_t>();  // one sync: sizes the mask
@@ -129,10 +130,9 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores, cons
                                                     band.data_ptr<int64_t>(), n, W, thr,
                                                     reinterpret_cast<u64*>(mask.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    nms_gather_kernel<<<1, 1024, 0, stream>>>(reinterpret_cast<const u64*>(mask.data_ptr<int64_t>()),
-                                              band.data_ptr<int64_t>(), rank.data_ptr<int64_t>(), n, W,
-                                              reinterpret_cast<u64*>(removed.data_ptr<int64_t>()),
-                                              keep_by_rank.data_ptr<bool>());
+    nms_gather_kernel<<<1, 1024, 0, stream>>>(
+        reinterpret_cast<const u64*>(mask.data_ptr<int64_t>()), band.data_ptr<int64_t>(), rank.data_ptr<int64_t>(), n,
+        W, reinterpret_cast<u64*>(removed.data_ptr<int64_t>()), keep_by_rank.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return order.masked_select(keep_by_rank);
@@ -146,8 +146,7 @@ at::Tensor nms_kernel(const at::Tensor& boxes, const at::Tensor& scores, double 
 
 at::Tensor batched_nms_kernel(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                               double iou_threshold) {
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "batched_nms: boxes must have shape [N, 4], got ",
-              boxes.sizes());
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "batched_nms: boxes must have shape [N, 4], got ", boxes.sizes());
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0) && idxs.sizes() == scores.sizes(),
               "batched_nms: scores and idxs must have shape [N] matching boxes");
   return nms_cuda_impl(boxes, scores, &idxs, iou_threshold);
@@ -161,8 +160,8 @@ __global__ void box_iou_kernel_impl(const scalar_t* __restrict__ b1, const scala
     const int64_t i = idx / m, j = idx % m;
     const T a[4] = {T(b1[4 * i]), T(b1[4 * i + 1]), T(b1[4 * i + 2]), T(b1[4 * i + 3])};
     const T b[4] = {T(b2[4 * j]), T(b2[4 * j + 1]), T(b2[4 * j + 2]), T(b2[4 * j + 3])};
-    out[idx] = static_cast<scalar_t>(
-        box_iou_pair(a, box_area(a[0], a[1], a[2], a[3]), b, box_area(b[0], b[1], b[2], b[3])));
+    out[idx] =
+        static_cast<scalar_t>(box_iou_pair(a, box_area(a[0], a[1], a[2], a[3]), b, box_area(b[0], b[1], b[2], b[3])));
   }
 }
 

@@ -53,8 +53,8 @@ __global__ void roi_align_forward_kernel_impl(Levels<scalar_t, T> L, const T* __
     if (l >= 0 && l < L.n) {
       const int64_t H = L.H[l], W = L.W[l];
       const Strides4 sx = L.s[l];
-      const RoIAlignGeom<T> g = roi_align_geom<T>(rois + 5 * static_cast<int64_t>(k), L.scale[l], PH, PW,
-                                                  sampling_ratio, aligned);
+      const RoIAlignGeom<T> g =
+          roi_align_geom<T>(rois + 5 * static_cast<int64_t>(k), L.scale[l], PH, PW, sampling_ratio, aligned);
       count = g.count;
       if (g.batch >= 0 && g.batch < L.B[l]) {
         const scalar_t* xp = L.x[l] + g.batch * sx.n + c * sx.c;
@@ -80,8 +80,8 @@ __global__ void roi_align_backward_kernel_impl(const scalar_t* __restrict__ grad
     const int64_t l = lvl ? lvl[k] : 0;
     if (l < 0 || l >= L.n) continue;
     const int64_t H = L.H[l], W = L.W[l];
-    const RoIAlignGeom<T> g = roi_align_geom<T>(rois + 5 * static_cast<int64_t>(k), L.scale[l], PH, PW,
-                                                sampling_ratio, aligned);
+    const RoIAlignGeom<T> g =
+        roi_align_geom<T>(rois + 5 * static_cast<int64_t>(k), L.scale[l], PH, PW, sampling_ratio, aligned);
     if (g.batch < 0 || g.batch >= L.B[l]) continue;
     const T go = static_cast<T>(grad[k * sg.n + c * sg.c + ph * sg.h + pw * sg.w]);
     const int64_t base = L.off[l] + (g.batch * C + c) * H * W;
@@ -151,8 +151,8 @@ struct CudaRoIAlign {
     auto split = [&] {
       std::vector<at::Tensor> out;
       for (int64_t l = 0; l < nl; ++l)
-        out.push_back(flat.narrow(0, offs[l], l + 1 < nl ? offs[l + 1] - offs[l] : total - offs[l])
-                          .view(shapes.slice(4 * l, 4)));
+        out.push_back(
+            flat.narrow(0, offs[l], l + 1 < nl ? offs[l + 1] - offs[l] : total - offs[l]).view(shapes.slice(4 * l, 4)));
       return out;
     };
     const int64_t n = grad.numel();
@@ -176,10 +176,10 @@ struct CudaRoIAlign {
         with_index_type(n, [&](auto index) {
           using index_t = decltype(index);
           roi_align_backward_kernel_impl<scalar_t, T, index_t, decltype(deterministic)::value>
-              <<<blocks_for(n), kThreads, 0, stream>>>(
-                  grad.data_ptr<scalar_t>(), sg, L, rois.data_ptr<T>(), lvl, static_cast<index_t>(n),
-                  static_cast<index_t>(C), static_cast<index_t>(PH), static_cast<index_t>(PW),
-                  static_cast<int>(sampling_ratio), aligned, gin, fp);
+              <<<blocks_for(n), kThreads, 0, stream>>>(grad.data_ptr<scalar_t>(), sg, L, rois.data_ptr<T>(), lvl,
+                                                       static_cast<index_t>(n), static_cast<index_t>(C),
+                                                       static_cast<index_t>(PH), static_cast<index_t>(PW),
+                                                       static_cast<int>(sampling_ratio), aligned, gin, fp);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });

@@ -27,8 +27,8 @@ namespace {
 // Max and argmax (h * W + w; -1 when nothing beats the initial value or the bin is empty) of element idx's bin.
 template <typename scalar_t, typename T, typename index_t>
 __device__ inline T bin_max(const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
-                            const Unravel<index_t>& u, int64_t B, int64_t H, int64_t W, T scale, int64_t PH,
-                            int64_t PW, int64_t& batch, int64_t& arg) {
+                            const Unravel<index_t>& u, int64_t B, int64_t H, int64_t W, T scale, int64_t PH, int64_t PW,
+                            int64_t& batch, int64_t& arg) {
   const int64_t pw = u.pw, ph = u.ph, c = u.c, k = u.k;
   const RoIPoolGeom<T> g = roi_pool_geom<T>(rois + 5 * k, scale, PH, PW);
   batch = g.batch;
@@ -53,8 +53,8 @@ __device__ inline T bin_max(const scalar_t* __restrict__ x, Strides4 sx, const T
 
 template <typename scalar_t, typename T, typename index_t>
 __global__ void roi_pool_forward_kernel_impl(const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
-                                             index_t n, int64_t B, index_t C, int64_t H, int64_t W, T scale,
-                                             index_t PH, index_t PW, scalar_t* __restrict__ out) {
+                                             index_t n, int64_t B, index_t C, int64_t H, int64_t W, T scale, index_t PH,
+                                             index_t PW, scalar_t* __restrict__ out) {
   VISIONOPS_KERNEL_LOOP(index_t, idx, n) {
     int64_t batch, arg;
     const Unravel<index_t> u(idx, C, PH, PW);
