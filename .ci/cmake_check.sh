@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CMake target (CPU-only) against the installed torch, installs it, and checks it in processes of its
 # own (never beside visionops._C, which registers the same ops): torch.ops.load_library from Python, and a libtorch
-# program that uses the exported CMake package.
+# program that uses the exported CMake package and calls every op once through csrc/visionops.h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${VISIONOPS_CMAKE_BUILD:-build-cmake}

@@ -23,6 +23,7 @@ std::string build_info() {
 #else
   info += ";cuda=0;cuda_arches=";
 #endif
+  // Kernel limits the Python side needs, from the constants themselves (common/roi_align.h).
   info += ";roi_align_max_levels=" + std::to_string(visionops::kMaxRoIAlignLevels);
   info += ";roi_align_max_grid=" + std::to_string(visionops::kMaxRoIAlignGrid);
   return info;
@@ -30,5 +31,5 @@ std::string build_info() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(visionops, m) {
-  m.def("_build_info() -> str", &build_info);
+  m.def("_build_info() -> str", TORCH_FN(build_info));
 }

@@ -6,7 +6,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(visionops, m) {
-  m.def("roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) -> Tensor");
+  m.def(
+      "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) -> Tensor");
   m.def(
       "_roi_pool_backward(Tensor grad, Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
       "SymInt pooled_width) -> Tensor");

@@ -1,17 +1,79 @@
-// Runs NMS through the installed library on three boxes: the middle one overlaps the first (IoU 0.81) and goes.
+// Calls every op of the installed library once through csrc/visionops.h on tiny CPU inputs: a typed signature that
+// does not match the registered kernels fails at its first call, and each result is checked against a value worked
+// out by hand.
+#include <cmath>
 #include <cstdio>
+#include <string>
+#include <vector>
 
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
 #include <visionops.h>
 
+namespace {
+int failures = 0;
+
+void check(bool ok, const char* what) {
+  std::printf("%-32s %s\n", what, ok ? "ok" : "WRONG");
+  failures += ok ? 0 : 1;
+}
+
+bool near(const at::Tensor& t, double v) { return std::abs(t.item<double>() - v) < 1e-5; }
+}  // namespace
+
 int main() {
-  const at::Tensor boxes = at::tensor({0.f, 0.f, 10.f, 10.f, 1.f, 1.f, 10.f, 10.f, 20.f, 20.f, 30.f, 30.f}).view({3, 4});
+  // Box 1 overlaps box 0 (IoU 0.81) and goes; box 2 is apart.
+  const at::Tensor boxes =
+      at::tensor({0.f, 0.f, 10.f, 10.f, 1.f, 1.f, 10.f, 10.f, 20.f, 20.f, 30.f, 30.f}).view({3, 4});
   const at::Tensor scores = at::tensor({0.9f, 0.8f, 0.7f});
   const at::Tensor keep = visionops::nms(boxes, scores, 0.5);
-  const at::Tensor iou = visionops::box_iou(boxes, boxes);
-  const bool ok = keep.size(0) == 2 && keep[0].item<int64_t>() == 0 && keep[1].item<int64_t>() == 2 &&
-                  iou[0][1].item<float>() > 0.8f;
-  std::printf("keep = [%lld, %lld] -> %s\n", static_cast<long long>(keep[0].item<int64_t>()),
-              static_cast<long long>(keep[keep.size(0) - 1].item<int64_t>()), ok ? "ok" : "WRONG");
-  return ok ? 0 : 1;
+  check(keep.size(0) == 2 && keep[0].item<int64_t>() == 0 && keep[1].item<int64_t>() == 2, "nms");
+  const at::Tensor classes = at::tensor({int64_t{0}, int64_t{1}, int64_t{0}});
+  check(visionops::batched_nms(boxes, scores, classes, 0.5).size(0) == 3, "batched_nms");
+  check(visionops::box_iou(boxes, boxes)[0][1].item<float>() > 0.8f, "box_iou");
+  const auto [g1, g2] = visionops::_box_iou_backward(at::ones({3, 3}), boxes, boxes);
+  check(g1.sizes() == boxes.sizes() && g2.sizes() == boxes.sizes(), "_box_iou_backward");
+
+  // RoIs inside constant feature maps: every bin averages ones, and each bin's weights sum to 1.
+  const at::Tensor x = at::ones({1, 1, 4, 4}), rois = at::tensor({0.f, 0.f, 0.f, 3.f, 3.f}).view({1, 5});
+  check(near(visionops::roi_align(x, rois, 1.0, 2, 2, 2, false).sum(), 4.0), "roi_align");
+  check(near(visionops::_roi_align_backward(at::ones({1, 1, 2, 2}), rois, 1.0, 2, 2, 1, 1, 4, 4, 2, false).sum(), 4.0),
+        "_roi_align_backward");
+  const std::vector<at::Tensor> features{x, at::ones({1, 1, 2, 2})};
+  const std::vector<double> scales{1.0, 0.5};
+  const at::Tensor rois2 = at::cat({rois, rois}), levels = at::tensor({int64_t{0}, int64_t{1}});
+  const at::Tensor ms = visionops::multi_scale_roi_align(features, rois2, levels, scales, 2, 2, 2, false);
+  check(ms.size(0) == 2 && near(ms.sum(), 8.0), "multi_scale_roi_align");
+  const std::vector<int64_t> shapes{1, 1, 4, 4, 1, 1, 2, 2};
+  const std::vector<at::Tensor> ms_grads =
+      visionops::_multi_scale_roi_align_backward(at::ones({2, 1, 2, 2}), rois2, levels, scales, 2, 2, shapes, 2, false);
+  check(ms_grads.size() == 2 && near(ms_grads[0].sum(), 4.0) && near(ms_grads[1].sum(), 4.0),
+        "_multi_scale_roi_align_backward");
+  const at::Tensor ramp = at::arange(16, at::kFloat).view({1, 1, 4, 4});
+  check(near(visionops::roi_pool(ramp, rois, 1.0, 1, 1), 15.0), "roi_pool");
+  const at::Tensor gin = visionops::_roi_pool_backward(at::ones({1, 1, 1, 1}), ramp, rois, 1.0, 1, 1);
+  check(near(gin[0][0][3][3], 1.0) && near(gin.sum(), 1.0), "_roi_pool_backward");
+
+  // One cell anchor on a 2x2 grid of stride 4: the last anchor is centred on (4, 4).
+  const at::Tensor cell = at::tensor({-1.f, -1.f, 1.f, 1.f}).view({1, 4});
+  const at::Tensor anchors = visionops::grid_anchors(cell, {1}, {2, 2}, {4.0, 4.0}, 0.0, 1, at::kFloat);
+  check(anchors.sizes() == at::IntArrayRef({1, 4, 4}) && near(anchors[0][3][0], 3.0) && near(anchors[0][3][3], 5.0),
+        "grid_anchors");
+  const std::vector<double> weights{1.0, 1.0, 1.0, 1.0};
+  const double clip = std::log(1000.0 / 16);
+  const at::Tensor deltas = at::zeros({3, 4});
+  check(near(visionops::decode_boxes(deltas, boxes, weights, clip, {}).sub(boxes).abs().max(), 0.0), "decode_boxes");
+  const auto [gd, ga] = visionops::_decode_boxes_backward(at::ones({3, 4}), deltas, boxes, weights, clip, {});
+  check(gd.sizes() == deltas.sizes() && ga.sizes() == boxes.sizes(), "_decode_boxes_backward");
+  check(near(visionops::encode_boxes(boxes, boxes, weights).abs().sum(), 0.0), "encode_boxes");
+  const at::Tensor kept = visionops::filter_boxes(boxes, at::tensor({0.9f, 0.1f, 0.8f}), 0.5, 1.0);
+  check(kept.size(0) == 2 && kept[1].item<int64_t>() == 2, "filter_boxes");
+  const std::string info = visionops::build_info();
+  check(info.find(";roi_align_max_levels=8;roi_align_max_grid=65536") != std::string::npos, "build_info");
+
+  std::printf("%s\n", failures ? "FAILED" : "all ops ok");
+  return failures ? 1 : 0;
 }

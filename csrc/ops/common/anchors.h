@@ -40,20 +40,21 @@ VISIONOPS_HOST_DEVICE inline void write_anchor(T sx, T sy, const T* cell, out_t*
   out[3] = static_cast<out_t>(add_rn(sy, cell[3]));
 }
 
-// Host side, shared by the CPU and CUDA entries: validates the arguments and lays the levels out. Returns the total anchors per image.
+// Host side, shared by the CPU and CUDA entries: validates the arguments and lays the levels out. Returns the total
+// anchors per image.
 inline int64_t plan_anchor_levels(const at::Tensor& cells, at::IntArrayRef num_cells, at::IntArrayRef grid_sizes,
-                           at::ArrayRef<double> strides, int64_t num_images, at::ScalarType dtype,
-                           std::vector<AnchorLevel>& levels) {
+                                  at::ArrayRef<double> strides, int64_t num_images, at::ScalarType dtype,
+                                  std::vector<AnchorLevel>& levels) {
   const int64_t L = static_cast<int64_t>(num_cells.size());
   TORCH_CHECK(cells.dim() == 2 && cells.size(1) == 4, "grid_anchors: cell_anchors must have shape [A, 4], got ",
               cells.sizes());
   TORCH_CHECK(at::isFloatingType(dtype), "grid_anchors: dtype must be a floating type, got ", dtype);
   const auto want = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(cells.scalar_type() == want, "grid_anchors: cell_anchors must be ", want, " for dtype ", dtype,
-              ", got ", cells.scalar_type());
+  TORCH_CHECK(cells.scalar_type() == want, "grid_anchors: cell_anchors must be ", want, " for dtype ", dtype, ", got ",
+              cells.scalar_type());
   TORCH_CHECK(static_cast<int64_t>(grid_sizes.size()) == 2 * L && static_cast<int64_t>(strides.size()) == 2 * L,
-              "grid_anchors: grid_sizes and strides need 2 entries per level (", L, " levels), got ",
-              grid_sizes.size(), " and ", strides.size());
+              "grid_anchors: grid_sizes and strides need 2 entries per level (", L, " levels), got ", grid_sizes.size(),
+              " and ", strides.size());
   TORCH_CHECK(num_images >= 0, "grid_anchors: num_images must be >= 0, got ", num_images);
   levels.clear();
   int64_t start = 0, cell_start = 0;

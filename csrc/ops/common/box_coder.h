@@ -58,9 +58,11 @@ inline double exp_poly(double x) {
   const double nf = (xc * 1.4426950408889634 + magic) - magic;
   const double r = (xc - nf * 6.93145751953125e-1) - nf * 1.42860682030941723212e-6;
   double p = 1.0 / 6227020800.0;  // 1/13!, then Horner down to 1/0!
+  // clang-format off: a table
   const double inv_fact[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
                                1.0 / 40320.0,     1.0 / 5040.0,     1.0 / 720.0,     1.0 / 120.0,
                                1.0 / 24.0,        1.0 / 6.0,        0.5,             1.0, 1.0};
+  // clang-format on
   for (int i = 0; i < 13; ++i) p = p * r + inv_fact[i];
   const int64_t n = static_cast<int64_t>(nf), n1 = n >> 1, n2 = n - n1;
   const double s1 = bits_as<double>((n1 + 1023) << 52), s2 = bits_as<double>((n2 + 1023) << 52);
@@ -261,11 +263,16 @@ inline void check_filter_args(const at::Tensor& boxes, const at::Tensor& scores)
 }
 
 template <typename T>
-inline BoxCoderParams<T> make_coder_params(at::ArrayRef<double> weights, double clip,
-                                           at::ArrayRef<double> image_size) {
+inline BoxCoderParams<T> make_coder_params(at::ArrayRef<double> weights, double clip, at::ArrayRef<double> image_size) {
   const bool c = image_size.size() == 2;
-  return BoxCoderParams<T>{T(weights[0]), T(weights[1]), T(weights[2]),     T(weights[3]), T(clip), c,
-                           c ? T(image_size[0]) : T(0), c ? T(image_size[1]) : T(0)};
+  return BoxCoderParams<T>{T(weights[0]),
+                           T(weights[1]),
+                           T(weights[2]),
+                           T(weights[3]),
+                           T(clip),
+                           c,
+                           c ? T(image_size[0]) : T(0),
+                           c ? T(image_size[1]) : T(0)};
 }
 
 }  // namespace visionops

@@ -46,16 +46,30 @@ VISIONOPS_HOST_DEVICE inline void box_iou_pair_backward(const T* a, const T* b, 
   const T g_w = w_raw >= T(0) ? g_inter * h : T(0);
   const T g_h = h_raw >= T(0) ? g_inter * w : T(0);
   // area terms
-  ga[0] -= g_area * (a[3] - a[1]); ga[2] += g_area * (a[3] - a[1]);
-  ga[1] -= g_area * (a[2] - a[0]); ga[3] += g_area * (a[2] - a[0]);
-  gb[0] -= g_area * (b[3] - b[1]); gb[2] += g_area * (b[3] - b[1]);
-  gb[1] -= g_area * (b[2] - b[0]); gb[3] += g_area * (b[2] - b[0]);
+  ga[0] -= g_area * (a[3] - a[1]);
+  ga[2] += g_area * (a[3] - a[1]);
+  ga[1] -= g_area * (a[2] - a[0]);
+  ga[3] += g_area * (a[2] - a[0]);
+  gb[0] -= g_area * (b[3] - b[1]);
+  gb[2] += g_area * (b[3] - b[1]);
+  gb[1] -= g_area * (b[2] - b[0]);
+  gb[3] += g_area * (b[2] - b[0]);
   // intersection: the upper corner is an elementwise minimum, the lower one a maximum; ties split in half.
   for (int d = 0; d < 2; ++d) {
     const T gd = d == 0 ? g_w : g_h;
     const int lo = d, hi = d + 2;
-    if (a[hi] < b[hi]) ga[hi] += gd; else if (b[hi] < a[hi]) gb[hi] += gd; else { ga[hi] += gd / 2; gb[hi] += gd / 2; }
-    if (a[lo] > b[lo]) ga[lo] -= gd; else if (b[lo] > a[lo]) gb[lo] -= gd; else { ga[lo] -= gd / 2; gb[lo] -= gd / 2; }
+    if (a[hi] < b[hi]) ga[hi] += gd;
+    else if (b[hi] < a[hi]) gb[hi] += gd;
+    else {
+      ga[hi] += gd / 2;
+      gb[hi] += gd / 2;
+    }
+    if (a[lo] > b[lo]) ga[lo] -= gd;
+    else if (b[lo] > a[lo]) gb[lo] -= gd;
+    else {
+      ga[lo] -= gd / 2;
+      gb[lo] -= gd / 2;
+    }
   }
 }
 

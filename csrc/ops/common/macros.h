@@ -43,8 +43,12 @@ VISIONOPS_HOST_DEVICE inline T sub_rn(T a, T b) {
 
 // std::max/std::min argument order matters for NaN: (a < b) ? b : a keeps `a` when either is NaN.
 template <typename T>
-VISIONOPS_HOST_DEVICE inline T max_first(T a, T b) { return (a < b) ? b : a; }
+VISIONOPS_HOST_DEVICE inline T max_first(T a, T b) {
+  return (a < b) ? b : a;
+}
 template <typename T>
-VISIONOPS_HOST_DEVICE inline T min_first(T a, T b) { return (b < a) ? b : a; }
+VISIONOPS_HOST_DEVICE inline T min_first(T a, T b) {
+  return (b < a) ? b : a;
+}
 
 }  // namespace visionops

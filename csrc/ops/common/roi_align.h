@@ -15,7 +15,7 @@ namespace visionops {
 
 template <typename T>
 struct RoIAlignGeom {
-  int64_t batch;     // batch index as read from the RoI (range-checked by the caller)
+  int64_t batch;  // batch index as read from the RoI (range-checked by the caller)
   T start_h, start_w;
   T bin_h, bin_w;
   int64_t grid_h, grid_w;  // samples per bin along each axis (0 for a NaN/inverted RoI: no samples)
@@ -23,11 +23,14 @@ struct RoIAlignGeom {
 };
 
 // Largest adaptive grid per axis. torchvision's int cast of ceil(size / pooled) is undefined behaviour for a NaN,
-// infinite or huge RoI; here a non-finite size gives no samples (zeros) and a huge one is capped.
+// infinite or huge RoI; here a non-finite size gives no samples (zeros) and a huge one is capped. Python reads it
+// as roi_align_max_grid in _build_info() (ops/build_info.cpp) rather than restating it.
 constexpr int64_t kMaxRoIAlignGrid = 1 << 16;
 
-// Feature levels one multi-level RoIAlign launch takes (CUDA level table, Triton kernel variants); MultiScaleRoIAlign
-// loops over levels past it. Python reads both limits from _build_info().
+// Feature levels one multi-level RoIAlign call takes on CUDA: the level table travels by value as a kernel argument.
+// The CPU kernel keeps its levels in a std::vector and takes any number (capping it would refuse direct calls that
+// work today for no gain). visionops.ops.poolers sends at most this many levels to the kernels and loops over
+// levels beyond; it reads the value as roi_align_max_levels in _build_info() (ops/build_info.cpp).
 constexpr int kMaxRoIAlignLevels = 8;
 
 // Cells per axis up to which a bin's weights are merged separably (roi_align_bin_axis); wider bins go per sample.
@@ -43,7 +46,7 @@ VISIONOPS_HOST_DEVICE inline int64_t roi_align_grid(int sampling_ratio, T size, 
 
 template <typename T, typename R>
 VISIONOPS_HOST_DEVICE inline RoIAlignGeom<T> roi_align_geom(const R* roi, T spatial_scale, int64_t pooled_h,
-                                                             int64_t pooled_w, int sampling_ratio, bool aligned) {
+                                                            int64_t pooled_w, int sampling_ratio, bool aligned) {
   RoIAlignGeom<T> g;
   const T b = static_cast<T>(roi[0]);
   // Truncated like torchvision's int cast; a NaN/inf index becomes -1, which the range check rejects.

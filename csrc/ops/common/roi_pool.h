@@ -30,7 +30,7 @@ struct RoIPoolGeom {
 
 template <typename T, typename R>
 VISIONOPS_HOST_DEVICE inline RoIPoolGeom<T> roi_pool_geom(const R* roi, T spatial_scale, int64_t pooled_h,
-                                                           int64_t pooled_w) {
+                                                          int64_t pooled_w) {
   RoIPoolGeom<T> g;
   const T b = static_cast<T>(roi[0]);
   g.batch = (b > T(-9.0e18) && b < T(9.0e18)) ? static_cast<int64_t>(b) : -1;
@@ -47,7 +47,8 @@ VISIONOPS_HOST_DEVICE inline RoIPoolGeom<T> roi_pool_geom(const R* roi, T spatia
 
 // Cells [lo, hi) of bin p along one axis, clipped to [0, size).
 template <typename T>
-VISIONOPS_HOST_DEVICE inline void roi_pool_bin(int64_t start, T bin, int64_t p, int64_t size, int64_t& lo, int64_t& hi) {
+VISIONOPS_HOST_DEVICE inline void roi_pool_bin(int64_t start, T bin, int64_t p, int64_t size, int64_t& lo,
+                                               int64_t& hi) {
   lo = static_cast<int64_t>(floor(static_cast<T>(p) * bin)) + start;
   hi = static_cast<int64_t>(ceil(static_cast<T>(p + 1) * bin)) + start;
   lo = lo < 0 ? 0 : (lo > size ? size : lo);

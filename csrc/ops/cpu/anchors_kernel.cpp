@@ -9,8 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/common/anchors.h"
@@ -67,5 +67,5 @@ at::Tensor grid_anchors_forward_kernel(const at::Tensor& cell_anchors, at::IntAr
 }  // namespace visionops
 
 TORCH_LIBRARY_IMPL(visionops, CPU, m) {
-  m.impl("grid_anchors", &visionops::grid_anchors_forward_kernel);
+  m.impl("grid_anchors", TORCH_FN(visionops::grid_anchors_forward_kernel));
 }

@@ -15,9 +15,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/common/box_coder.h"
@@ -34,36 +34,36 @@ void decode_boxes_forward_kernel_impl(const scalar_t* deltas, const scalar_t* an
                                       const BoxCoderParams<at::opmath_type<scalar_t>>& p, scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
   const int64_t total = n * k;
-  at::parallel_for(0, (total + kChunk - 1) / kChunk, std::max<int64_t>(1, kGrain / kChunk), [&](int64_t c0,
-                                                                                               int64_t c1) {
-    T a[4][kChunk], d[4][kChunk], o[4][kChunk];
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t first = c * kChunk, m = std::min(kChunk, total - first);
-      const scalar_t* dsrc = deltas + 4 * first;
-      for (int64_t t = 0; t < m; ++t)
-        for (int q = 0; q < 4; ++q) d[q][t] = T(dsrc[4 * t + q]);
-      if (k == 1) {  // one delta per anchor (RPN): a plain strided copy, which the compiler vectorises
-        const scalar_t* asrc = anchors + 4 * first;
-        for (int64_t t = 0; t < m; ++t)
-          for (int q = 0; q < 4; ++q) a[q][t] = T(asrc[4 * t + q]);
-      } else {
-        int64_t anchor = first / k, j = first - anchor * k;  // walked, not divided: a 64-bit division per box
-        for (int64_t t = 0; t < m; ++t) {                       // costs as much as the whole decode
-          for (int q = 0; q < 4; ++q) a[q][t] = T(anchors[4 * anchor + q]);
-          if (++j == k) j = 0, ++anchor;
+  at::parallel_for(
+      0, (total + kChunk - 1) / kChunk, std::max<int64_t>(1, kGrain / kChunk), [&](int64_t c0, int64_t c1) {
+        T a[4][kChunk], d[4][kChunk], o[4][kChunk];
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t first = c * kChunk, m = std::min(kChunk, total - first);
+          const scalar_t* dsrc = deltas + 4 * first;
+          for (int64_t t = 0; t < m; ++t)
+            for (int q = 0; q < 4; ++q) d[q][t] = T(dsrc[4 * t + q]);
+          if (k == 1) {  // one delta per anchor (RPN): a plain strided copy, which the compiler vectorises
+            const scalar_t* asrc = anchors + 4 * first;
+            for (int64_t t = 0; t < m; ++t)
+              for (int q = 0; q < 4; ++q) a[q][t] = T(asrc[4 * t + q]);
+          } else {
+            int64_t anchor = first / k, j = first - anchor * k;  // walked, not divided: a 64-bit division per box
+            for (int64_t t = 0; t < m; ++t) {                    // costs as much as the whole decode
+              for (int q = 0; q < 4; ++q) a[q][t] = T(anchors[4 * anchor + q]);
+              if (++j == k) j = 0, ++anchor;
+            }
+          }
+          for (int64_t t = 0; t < m; ++t) {
+            const T av[4] = {a[0][t], a[1][t], a[2][t], a[3][t]}, dv[4] = {d[0][t], d[1][t], d[2][t], d[3][t]};
+            T ov[4];
+            decode_box_impl<T, kClip>(av, dv, p, ov);
+            o[0][t] = ov[0], o[1][t] = ov[1], o[2][t] = ov[2], o[3][t] = ov[3];
+          }
+          scalar_t* dst = out + 4 * first;
+          for (int64_t t = 0; t < m; ++t)
+            for (int q = 0; q < 4; ++q) dst[4 * t + q] = static_cast<scalar_t>(o[q][t]);
         }
-      }
-      for (int64_t t = 0; t < m; ++t) {
-        const T av[4] = {a[0][t], a[1][t], a[2][t], a[3][t]}, dv[4] = {d[0][t], d[1][t], d[2][t], d[3][t]};
-        T ov[4];
-        decode_box_impl<T, kClip>(av, dv, p, ov);
-        o[0][t] = ov[0], o[1][t] = ov[1], o[2][t] = ov[2], o[3][t] = ov[3];
-      }
-      scalar_t* dst = out + 4 * first;
-      for (int64_t t = 0; t < m; ++t)
-        for (int q = 0; q < 4; ++q) dst[4 * t + q] = static_cast<scalar_t>(o[q][t]);
-    }
-  });
+      });
 }
 
 at::Tensor decode_boxes_forward_kernel(const at::Tensor& deltas, const at::Tensor& anchors,
@@ -84,9 +84,8 @@ at::Tensor decode_boxes_forward_kernel(const at::Tensor& deltas, const at::Tenso
 
 // Each task owns whole anchor rows, so the sum over the K deltas of an anchor needs no atomics.
 std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_kernel(const at::Tensor& grad, const at::Tensor& deltas,
-                                                                const at::Tensor& anchors,
-                                                                at::ArrayRef<double> weights, double clip,
-                                                                at::ArrayRef<double> image_size) {
+                                                                const at::Tensor& anchors, at::ArrayRef<double> weights,
+                                                                double clip, at::ArrayRef<double> image_size) {
   check_decode_args(deltas, anchors, weights, image_size);
   TORCH_CHECK(grad.sizes() == deltas.sizes(), "decode_boxes backward: grad must have the shape of deltas");
   const at::Tensor g = grad.contiguous().to(deltas.scalar_type()), d = deltas.contiguous(), a = anchors.contiguous();
@@ -110,8 +109,7 @@ template <typename scalar_t>
 void encode_boxes_forward_kernel_impl(const scalar_t* ref, const scalar_t* prop, int64_t n,
                                       const BoxCoderParams<at::opmath_type<scalar_t>>& p, scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
-  at::parallel_for(0, (n + kChunk - 1) / kChunk, std::max<int64_t>(1, kGrain / kChunk), [&](int64_t c0,
-                                                                                         int64_t c1) {
+  at::parallel_for(0, (n + kChunk - 1) / kChunk, std::max<int64_t>(1, kGrain / kChunk), [&](int64_t c0, int64_t c1) {
     T r[4][kChunk], q[4][kChunk], o[4][kChunk];
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t first = c * kChunk, m = std::min(kChunk, n - first);
@@ -176,8 +174,8 @@ at::Tensor filter_boxes_kernel(const at::Tensor& boxes, const at::Tensor& scores
 }  // namespace visionops
 
 TORCH_LIBRARY_IMPL(visionops, CPU, m) {
-  m.impl("decode_boxes", &visionops::decode_boxes_forward_kernel);
-  m.impl("_decode_boxes_backward", &visionops::decode_boxes_backward_kernel);
-  m.impl("encode_boxes", &visionops::encode_boxes_forward_kernel);
-  m.impl("filter_boxes", &visionops::filter_boxes_kernel);
+  m.impl("decode_boxes", TORCH_FN(visionops::decode_boxes_forward_kernel));
+  m.impl("_decode_boxes_backward", TORCH_FN(visionops::decode_boxes_backward_kernel));
+  m.impl("encode_boxes", TORCH_FN(visionops::encode_boxes_forward_kernel));
+  m.impl("filter_boxes", TORCH_FN(visionops::filter_boxes_kernel));
 }

@@ -11,11 +11,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/common/box_iou.h"
@@ -97,9 +97,7 @@ void nms_sorted(const T* b, int64_t n, double thr, uint8_t* keep) {
     const int64_t cx0 = cell(p[0], minx, nx), cx1 = cell(p[2], minx, nx);
     const int64_t cy0 = cell(p[1], miny, ny), cy1 = cell(p[3], miny, ny);
     const bool is_big = (cx1 - cx0 + 1) * (cy1 - cy0 + 1) > kMaxCellsPerBox;
-    auto suppresses = [&](const Kept& k) {
-      return static_cast<double>(box_iou_pair(k.box, k.area, p, area[i])) > thr;
-    };
+    auto suppresses = [&](const Kept& k) { return static_cast<double>(box_iou_pair(k.box, k.area, p, area[i])) > thr; };
     bool suppressed = false;
     for (const Kept& k : is_big ? kept : big)
       if ((suppressed = suppresses(k))) break;
@@ -141,7 +139,8 @@ std::vector<T> gather_rows(const at::Tensor& boxes, const int64_t* order, int64_
 }
 
 at::Tensor nms_kernel(const at::Tensor& boxes_in, const at::Tensor& scores, double iou_threshold) {
-  TORCH_CHECK(boxes_in.dim() == 2 && boxes_in.size(1) == 4, "nms: boxes must have shape [N, 4], got ", boxes_in.sizes());
+  TORCH_CHECK(boxes_in.dim() == 2 && boxes_in.size(1) == 4, "nms: boxes must have shape [N, 4], got ",
+              boxes_in.sizes());
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes_in.size(0),
               "nms: scores must have shape [N] matching boxes, got ", scores.sizes());
   const int64_t n = boxes_in.size(0);
@@ -277,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor> box_iou_backward_kernel(const at::Tensor& gra
 }  // namespace visionops
 
 TORCH_LIBRARY_IMPL(visionops, CPU, m) {
-  m.impl("nms", &visionops::nms_kernel);
-  m.impl("batched_nms", &visionops::batched_nms_kernel);
-  m.impl("box_iou", &visionops::box_iou_kernel);
-  m.impl("_box_iou_backward", &visionops::box_iou_backward_kernel);
+  m.impl("nms", TORCH_FN(visionops::nms_kernel));
+  m.impl("batched_nms", TORCH_FN(visionops::batched_nms_kernel));
+  m.impl("box_iou", TORCH_FN(visionops::box_iou_kernel));
+  m.impl("_box_iou_backward", TORCH_FN(visionops::box_iou_backward_kernel));
 }

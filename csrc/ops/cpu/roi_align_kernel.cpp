@@ -3,12 +3,13 @@
 // torchvision's CPU kernels are serial, walk NCHW one channel at a time and scatter the backward one output
 // element at a time. Here:
 // * each RoI's bilinear taps are computed once and merged per bin (roi_align_bin_taps, shared with the CUDA
-//   kernels), then applied to all channels at once on a channels-last view of the features, so the inner loop is a contiguous
-//   multiply-add over C (a channels_last input is read in place; an NCHW one is transposed once);
+//   kernels), then applied to all channels at once on a channels-last view of the features, so the inner loop is a
+//   contiguous multiply-add over C (a channels_last input is read in place; an NCHW one is transposed once);
 // * the forward runs in parallel over RoIs; the backward over (level, image, block of channels): every task owns a
 //   slice of grad_input and visits that image's RoIs in index order, so there is no race and the summation order of
 //   each element is fixed: the gradient is bit-identical at any thread count;
-// * MultiScaleRoIAlign is the same kernel over several levels, each RoI reading the level it was assigned.
+// * MultiScaleRoIAlign is the same kernel over several levels, each RoI reading the level it was assigned; the
+//   single- and multi-level entries, with their argument checks, come from ops/common/roi_align_entries.h.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -17,12 +18,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/common/roi_align.h"
+#include "ops/common/roi_align_entries.h"
 
 namespace visionops {
 namespace {
@@ -98,7 +100,11 @@ void roi_align_forward_kernel_impl(const std::vector<Level<scalar_t>>& levels, c
           // 16 channels live in four vector registers across the bin's taps (gcc does not find this by itself:
           // it keeps a fixed-size accumulator array in scalar registers).
           typedef float vf4 __attribute__((vector_size(16)));
-          auto load = [](const float* p) { vf4 v; std::memcpy(&v, p, sizeof v); return v; };
+          auto load = [](const float* p) {
+            vf4 v;
+            std::memcpy(&v, p, sizeof v);
+            return v;
+          };
           for (; c0 + 16 <= C; c0 += 16) {
             vf4 a0 = {}, a1 = {}, a2 = {}, a3 = {};
             for (int64_t e = e0; e < e1; ++e) {
@@ -188,131 +194,77 @@ void check_indices(const T* r, const int64_t* lvl, int64_t K, const std::vector<
   }
 }
 
-void check_common(const at::Tensor& rois, const at::Tensor* levels, int64_t PH, int64_t PW, const char* op) {
-  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK_VALUE(rois.is_floating_point(), op, ": rois must be a floating-point tensor, got ", rois.scalar_type());
-  TORCH_CHECK_VALUE(PH > 0 && PW > 0, op, ": output_size must be positive, got (", PH, ", ", PW, ")");
-  if (levels)
-    TORCH_CHECK_VALUE(levels->dim() == 1 && levels->size(0) == rois.size(0) && levels->scalar_type() == at::kLong,
-                      op, ": levels must be an int64 tensor of shape [K]");
-}
+// The multi-level kernels behind the four entries of ops/common/roi_align_entries.h, which check the arguments.
+struct CpuRoIAlign {
+  // Levels live in a std::vector here: no cap (CUDA's is kMaxRoIAlignLevels).
+  static constexpr size_t kMaxLevels = kAnyLevelCount;
 
-at::Tensor forward(at::TensorList features, const at::Tensor& rois_in, const at::Tensor* levels_in,
-                   at::ArrayRef<double> scales, int64_t PH, int64_t PW, int64_t sampling_ratio, bool aligned,
-                   const char* op) {
-  check_common(rois_in, levels_in, PH, PW, op);
-  TORCH_CHECK_VALUE(!features.empty() && scales.size() == features.size(), op,
-                    ": need one spatial scale per feature level");
-  const at::Tensor& f0 = features[0];
-  for (const at::Tensor& f : features) {
-    TORCH_CHECK_VALUE(f.dim() == 4, op, ": input must have shape [N, C, H, W], got ", f.sizes());
-    TORCH_CHECK_VALUE(f.size(1) == f0.size(1) && f.scalar_type() == f0.scalar_type(), op,
-                      ": all feature levels must have the same channels and dtype");
+  static at::Tensor forward(const char* op, at::TensorList features, const at::Tensor& rois_in,
+                            const at::Tensor* levels_in, at::ArrayRef<double> scales, int64_t PH, int64_t PW,
+                            int64_t sampling_ratio, bool aligned) {
+    const at::Tensor& f0 = features[0];
+    const int64_t K = rois_in.size(0), C = f0.size(1);
+    at::Tensor out = at::empty({K, C, PH, PW}, f0.options());
+    if (K == 0) return out;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_forward_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
+      const at::Tensor levels = levels_in ? levels_in->contiguous() : at::Tensor();
+      const int64_t* lvl = levels_in ? levels.data_ptr<int64_t>() : nullptr;
+      std::vector<int64_t> batch_sizes;
+      for (const at::Tensor& f : features) batch_sizes.push_back(f.size(0));
+      check_indices(rois.data_ptr<T>(), lvl, K, batch_sizes, op);
+      if (C == 0) return;
+      // Channels-last views: read in place when the input already is, transposed once otherwise.
+      std::vector<at::Tensor> keep;
+      std::vector<Level<scalar_t>> lv;
+      for (size_t l = 0; l < features.size(); ++l) {
+        keep.push_back(features[l].contiguous(at::MemoryFormat::ChannelsLast));
+        lv.push_back({keep.back().data_ptr<scalar_t>(), keep.back().size(0), keep.back().size(2), keep.back().size(3),
+                      scales[l]});
+      }
+      roi_align_forward_kernel_impl<scalar_t>(lv, lvl, rois.data_ptr<T>(), K, C, PH, PW, sampling_ratio, aligned,
+                                              out.data_ptr<scalar_t>());
+    });
+    return out;
   }
-  const int64_t K = rois_in.size(0), C = f0.size(1);
-  at::Tensor out = at::empty({K, C, PH, PW}, f0.options());
-  if (K == 0) return out;
-  for (const at::Tensor& f : features)
-    TORCH_CHECK_VALUE(f.size(2) > 0 && f.size(3) > 0, op, ": input must have a non-empty feature map, got ", f.sizes());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_forward_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
-    const at::Tensor levels = levels_in ? levels_in->contiguous() : at::Tensor();
-    const int64_t* lvl = levels_in ? levels.data_ptr<int64_t>() : nullptr;
-    std::vector<int64_t> batch_sizes;
-    for (const at::Tensor& f : features) batch_sizes.push_back(f.size(0));
-    check_indices(rois.data_ptr<T>(), lvl, K, batch_sizes, op);
-    if (C == 0) return;
-    // Channels-last views: read in place when the input already is, transposed once otherwise.
-    std::vector<at::Tensor> keep;
-    std::vector<Level<scalar_t>> lv;
-    for (size_t l = 0; l < features.size(); ++l) {
-      keep.push_back(features[l].contiguous(at::MemoryFormat::ChannelsLast));
-      lv.push_back({keep.back().data_ptr<scalar_t>(), keep.back().size(0), keep.back().size(2), keep.back().size(3),
-                    scales[l]});
-    }
-    roi_align_forward_kernel_impl<scalar_t>(lv, lvl, rois.data_ptr<T>(), K, C, PH, PW, sampling_ratio, aligned,
-                                            out.data_ptr<scalar_t>());
-  });
-  return out;
-}
 
-std::vector<at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& rois_in, const at::Tensor* levels_in,
-                                 at::ArrayRef<double> scales, int64_t PH, int64_t PW, at::IntArrayRef shapes,
-                                 int64_t sampling_ratio, bool aligned, const char* op) {
-  check_common(rois_in, levels_in, PH, PW, op);
-  const int64_t K = rois_in.size(0), L = static_cast<int64_t>(shapes.size() / 4);
-  TORCH_CHECK_VALUE(shapes.size() % 4 == 0 && L >= 1 && static_cast<int64_t>(scales.size()) == L, op,
-                    ": need 4 sizes and one spatial scale per feature level");
-  const int64_t C = shapes[1];
-  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == K && grad_in.size(1) == C && grad_in.size(2) == PH &&
-                        grad_in.size(3) == PW,
-                    op, ": grad must have shape [K, C, PH, PW], got ", grad_in.sizes());
-  std::vector<at::Tensor> gins;
-  for (int64_t l = 0; l < L; ++l) gins.push_back(at::zeros(shapes.slice(4 * l, 4), grad_in.options()));
-  if (K == 0 || C == 0) return gins;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_in.scalar_type(), "roi_align_backward_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
-    const at::Tensor levels = levels_in ? levels_in->contiguous() : at::Tensor();
-    const int64_t* lvl = levels_in ? levels.data_ptr<int64_t>() : nullptr;
-    std::vector<int64_t> batch_sizes;
-    std::vector<Level<scalar_t>> lv;
-    for (int64_t l = 0; l < L; ++l) {
-      batch_sizes.push_back(shapes[4 * l]);
-      TORCH_CHECK_VALUE(shapes[4 * l + 1] == C, op, ": all feature levels must have the same channels");
-      lv.push_back({gins[l].data_ptr<scalar_t>(), shapes[4 * l], shapes[4 * l + 2], shapes[4 * l + 3], scales[l]});
-    }
-    check_indices(rois.data_ptr<T>(), lvl, K, batch_sizes, op);
-    for (const auto& v : lv)
-      if (v.H == 0 || v.W == 0) return;  // nothing to scatter into (and no valid RoI)
-    const at::Tensor grad = grad_in.contiguous();
-    roi_align_backward_kernel_impl<scalar_t>(grad.data_ptr<scalar_t>(), lv, lvl, rois.data_ptr<T>(), K, C, PH, PW,
-                                             sampling_ratio, aligned);
-  });
-  return gins;
-}
+  static std::vector<at::Tensor> backward(const char* op, const at::Tensor& grad_in, const at::Tensor& rois_in,
+                                          const at::Tensor* levels_in, at::ArrayRef<double> scales, int64_t PH,
+                                          int64_t PW, at::IntArrayRef shapes, int64_t sampling_ratio, bool aligned) {
+    const int64_t K = rois_in.size(0), L = static_cast<int64_t>(shapes.size() / 4), C = shapes[1];
+    std::vector<at::Tensor> gins;
+    for (int64_t l = 0; l < L; ++l) gins.push_back(at::zeros(shapes.slice(4 * l, 4), grad_in.options()));
+    if (K == 0 || C == 0) return gins;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_in.scalar_type(), "roi_align_backward_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
+      const at::Tensor levels = levels_in ? levels_in->contiguous() : at::Tensor();
+      const int64_t* lvl = levels_in ? levels.data_ptr<int64_t>() : nullptr;
+      std::vector<int64_t> batch_sizes;
+      std::vector<Level<scalar_t>> lv;
+      for (int64_t l = 0; l < L; ++l) {
+        batch_sizes.push_back(shapes[4 * l]);
+        lv.push_back({gins[l].data_ptr<scalar_t>(), shapes[4 * l], shapes[4 * l + 2], shapes[4 * l + 3], scales[l]});
+      }
+      check_indices(rois.data_ptr<T>(), lvl, K, batch_sizes, op);
+      const at::Tensor grad = grad_in.contiguous();
+      roi_align_backward_kernel_impl<scalar_t>(grad.data_ptr<scalar_t>(), lv, lvl, rois.data_ptr<T>(), K, C, PH, PW,
+                                               sampling_ratio, aligned);
+    });
+    return gins;
+  }
+};
 
-at::Tensor roi_align_forward_kernel(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
-                                   int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
-                                   bool aligned) {
-  return forward({input}, rois, nullptr, {spatial_scale}, pooled_height, pooled_width, sampling_ratio, aligned,
-                 "roi_align");
-}
-
-at::Tensor roi_align_backward_kernel(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
-                                    int64_t pooled_height, int64_t pooled_width, int64_t batch_size,
-                                    int64_t channels, int64_t height, int64_t width, int64_t sampling_ratio,
-                                    bool aligned) {
-  const std::vector<int64_t> shape{batch_size, channels, height, width};
-  return backward(grad, rois, nullptr, {spatial_scale}, pooled_height, pooled_width, shape, sampling_ratio, aligned,
-                  "_roi_align_backward")[0];
-}
-
-at::Tensor multi_scale_roi_align_forward_kernel(at::TensorList features, const at::Tensor& rois,
-                                               const at::Tensor& levels, at::ArrayRef<double> scales,
-                                               int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
-                                               bool aligned) {
-  return forward(features, rois, &levels, scales, pooled_height, pooled_width, sampling_ratio, aligned,
-                 "multi_scale_roi_align");
-}
-
-std::vector<at::Tensor> multi_scale_roi_align_backward_kernel(const at::Tensor& grad, const at::Tensor& rois,
-                                                              const at::Tensor& levels, at::ArrayRef<double> scales,
-                                                              int64_t pooled_height, int64_t pooled_width,
-                                                              at::IntArrayRef shapes, int64_t sampling_ratio,
-                                                              bool aligned) {
-  return backward(grad, rois, &levels, scales, pooled_height, pooled_width, shapes, sampling_ratio, aligned,
-                  "_multi_scale_roi_align_backward");
-}
+using Entries = RoIAlignEntries<CpuRoIAlign>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(visionops, CPU, m) {
-  m.impl("roi_align", TORCH_FN(roi_align_forward_kernel));
-  m.impl("_roi_align_backward", TORCH_FN(roi_align_backward_kernel));
-  m.impl("multi_scale_roi_align", TORCH_FN(multi_scale_roi_align_forward_kernel));
-  m.impl("_multi_scale_roi_align_backward", TORCH_FN(multi_scale_roi_align_backward_kernel));
+  m.impl("roi_align", TORCH_FN(Entries::roi_align));
+  m.impl("_roi_align_backward", TORCH_FN(Entries::roi_align_backward));
+  m.impl("multi_scale_roi_align", TORCH_FN(Entries::multi_scale_roi_align));
+  m.impl("_multi_scale_roi_align_backward", TORCH_FN(Entries::multi_scale_roi_align_backward));
 }
 
 }  // namespace visionops

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "ops/common/anchors.h"
+#include "ops/cuda/launch.cuh"
 
 namespace visionops {
 namespace {
@@ -26,8 +27,7 @@ __global__ void grid_anchors_forward_kernel_impl(const at::opmath_type<scalar_t>
                                                  const LevelTable table, double offset, int64_t total,
                                                  int64_t num_images, scalar_t* __restrict__ out) {
   using T = at::opmath_type<scalar_t>;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  VISIONOPS_KERNEL_LOOP(int64_t, idx, total) {
     int l = 0;
     while (l + 1 < table.count && idx >= table.level[l + 1].start) ++l;
     const AnchorLevel& lv = table.level[l];
@@ -57,10 +57,8 @@ at::Tensor grid_anchors_forward_kernel(const at::Tensor& cell_anchors, at::IntAr
   table.count = static_cast<int>(levels.size());
   for (size_t l = 0; l < levels.size(); ++l) table.level[l] = levels[l];
   const at::Tensor cells = cell_anchors.contiguous();
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, int64_t(1) << 20);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grid_anchors_cuda", [&] {
-    grid_anchors_forward_kernel_impl<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    grid_anchors_forward_kernel_impl<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         cells.data_ptr<at::opmath_type<scalar_t>>(), table, offset, total, num_images, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -71,5 +69,5 @@ at::Tensor grid_anchors_forward_kernel(const at::Tensor& cell_anchors, at::IntAr
 }  // namespace visionops
 
 TORCH_LIBRARY_IMPL(visionops, CUDA, m) {
-  m.impl("grid_anchors", &visionops::grid_anchors_forward_kernel);
+  m.impl("grid_anchors", TORCH_FN(visionops::grid_anchors_forward_kernel));
 }

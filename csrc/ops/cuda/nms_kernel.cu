@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "ops/common/box_iou.h"
+#include "ops/cuda/launch.cuh"
 
 namespace visionops {
 namespace {
@@ -93,9 +94,9 @@ __global__ void nms_gather_kernel(const u64* __restrict__ mask, const int64_t* _
 }
 
 at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs, double thr) {
+  const c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
-  const c10::cuda::CUDAGuard guard(boxes.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor order = std::get<1>(scores.sort(/*stable=*/true, 0, /*descending=*/true));
   const int64_t col_blocks = (n + kBlock - 1) / kBlock;
@@ -107,7 +108,8 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores, cons
     sorted_order = order.index_select(0, rank);
     cls = cls_sorted.contiguous();
     // End of the class of each row block's last row, as a number of column blocks past the row block.
-    const at::Tensor last_rows = at::arange(col_blocks, order.options()).mul_(kBlock).add_(kBlock - 1).clamp_max_(n - 1);
+    const at::Tensor last_rows =
+        at::arange(col_blocks, order.options()).mul_(kBlock).add_(kBlock - 1).clamp_max_(n - 1);
     const at::Tensor seg_end = at::searchsorted(cls, cls.index_select(0, last_rows), false, /*right=*/true);
     band = seg_end.add(kBlock - 1).div_(kBlock, "floor").sub_(at::arange(col_blocks, order.options())).contiguous();
     W = band.max().item<int64_t>();  // one sync: sizes the mask
@@ -128,10 +130,9 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores, cons
                                                     band.data_ptr<int64_t>(), n, W, thr,
                                                     reinterpret_cast<u64*>(mask.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    nms_gather_kernel<<<1, 1024, 0, stream>>>(reinterpret_cast<const u64*>(mask.data_ptr<int64_t>()),
-                                              band.data_ptr<int64_t>(), rank.data_ptr<int64_t>(), n, W,
-                                              reinterpret_cast<u64*>(removed.data_ptr<int64_t>()),
-                                              keep_by_rank.data_ptr<bool>());
+    nms_gather_kernel<<<1, 1024, 0, stream>>>(
+        reinterpret_cast<const u64*>(mask.data_ptr<int64_t>()), band.data_ptr<int64_t>(), rank.data_ptr<int64_t>(), n,
+        W, reinterpret_cast<u64*>(removed.data_ptr<int64_t>()), keep_by_rank.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return order.masked_select(keep_by_rank);
@@ -145,8 +146,7 @@ at::Tensor nms_kernel(const at::Tensor& boxes, const at::Tensor& scores, double 
 
 at::Tensor batched_nms_kernel(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                               double iou_threshold) {
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "batched_nms: boxes must have shape [N, 4], got ",
-              boxes.sizes());
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "batched_nms: boxes must have shape [N, 4], got ", boxes.sizes());
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0) && idxs.sizes() == scores.sizes(),
               "batched_nms: scores and idxs must have shape [N] matching boxes");
   return nms_cuda_impl(boxes, scores, &idxs, iou_threshold);
@@ -156,12 +156,13 @@ template <typename scalar_t>
 __global__ void box_iou_kernel_impl(const scalar_t* __restrict__ b1, const scalar_t* __restrict__ b2, int64_t n,
                                     int64_t m, scalar_t* __restrict__ out) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= n * m) return;
-  const int64_t i = idx / m, j = idx % m;
-  const T a[4] = {T(b1[4 * i]), T(b1[4 * i + 1]), T(b1[4 * i + 2]), T(b1[4 * i + 3])};
-  const T b[4] = {T(b2[4 * j]), T(b2[4 * j + 1]), T(b2[4 * j + 2]), T(b2[4 * j + 3])};
-  out[idx] = static_cast<scalar_t>(box_iou_pair(a, box_area(a[0], a[1], a[2], a[3]), b, box_area(b[0], b[1], b[2], b[3])));
+  VISIONOPS_KERNEL_LOOP(int64_t, idx, n * m) {
+    const int64_t i = idx / m, j = idx % m;
+    const T a[4] = {T(b1[4 * i]), T(b1[4 * i + 1]), T(b1[4 * i + 2]), T(b1[4 * i + 3])};
+    const T b[4] = {T(b2[4 * j]), T(b2[4 * j + 1]), T(b2[4 * j + 2]), T(b2[4 * j + 3])};
+    out[idx] =
+        static_cast<scalar_t>(box_iou_pair(a, box_area(a[0], a[1], a[2], a[3]), b, box_area(b[0], b[1], b[2], b[3])));
+  }
 }
 
 at::Tensor box_iou_kernel(const at::Tensor& boxes1, const at::Tensor& boxes2) {
@@ -171,32 +172,33 @@ at::Tensor box_iou_kernel(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   const at::Tensor a = boxes1.contiguous(), b = boxes2.contiguous();
   at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
   if (out.numel() == 0) return out;
-  const int threads = 256;
-  const int64_t blocks = (out.numel() + threads - 1) / threads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "box_iou_cuda", [&] {
-    box_iou_kernel_impl<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    box_iou_kernel_impl<scalar_t><<<blocks_for(out.numel()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.size(0), b.size(0), out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-// One thread per box of one side, summing over the other side: deterministic, no atomics.
+// One thread per box of one side, summing over the other side: deterministic, no atomics. A thread does a whole
+// row of work and boxes are few (hundreds to thousands), so blocks are half the usual size to reach more SMs.
+constexpr int kSideThreads = 128;
+
 template <typename scalar_t>
 __global__ void box_iou_backward_side_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ own,
                                              const scalar_t* __restrict__ other, int64_t n, int64_t m,
                                              bool own_is_first, scalar_t* __restrict__ out) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  T acc[4] = {0, 0, 0, 0}, unused[4];
-  const T a[4] = {T(own[4 * i]), T(own[4 * i + 1]), T(own[4 * i + 2]), T(own[4 * i + 3])};
-  for (int64_t j = 0; j < m; ++j) {
-    const T b[4] = {T(other[4 * j]), T(other[4 * j + 1]), T(other[4 * j + 2]), T(other[4 * j + 3])};
-    if (own_is_first) box_iou_pair_backward(a, b, T(g[i * m + j]), acc, unused);
-    else box_iou_pair_backward(b, a, T(g[j * n + i]), unused, acc);
+  VISIONOPS_KERNEL_LOOP(int64_t, i, n) {
+    T acc[4] = {0, 0, 0, 0}, unused[4];
+    const T a[4] = {T(own[4 * i]), T(own[4 * i + 1]), T(own[4 * i + 2]), T(own[4 * i + 3])};
+    for (int64_t j = 0; j < m; ++j) {
+      const T b[4] = {T(other[4 * j]), T(other[4 * j + 1]), T(other[4 * j + 2]), T(other[4 * j + 3])};
+      if (own_is_first) box_iou_pair_backward(a, b, T(g[i * m + j]), acc, unused);
+      else box_iou_pair_backward(b, a, T(g[j * n + i]), unused, acc);
+    }
+    for (int d = 0; d < 4; ++d) out[4 * i + d] = static_cast<scalar_t>(acc[d]);
   }
-  for (int d = 0; d < 4; ++d) out[4 * i + d] = static_cast<scalar_t>(acc[d]);
 }
 
 std::tuple<at::Tensor, at::Tensor> box_iou_backward_kernel(const at::Tensor& grad, const at::Tensor& boxes1,
@@ -206,13 +208,12 @@ std::tuple<at::Tensor, at::Tensor> box_iou_backward_kernel(const at::Tensor& gra
   at::Tensor ga = at::zeros_like(a), gb = at::zeros_like(b);
   if (g.numel() == 0) return {ga, gb};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int threads = 128;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "box_iou_backward_cuda", [&] {
     const int64_t n = a.size(0), m = b.size(0);
-    box_iou_backward_side_kernel<scalar_t><<<(n + threads - 1) / threads, threads, 0, stream>>>(
+    box_iou_backward_side_kernel<scalar_t><<<blocks_for(n, kSideThreads), kSideThreads, 0, stream>>>(
         g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), n, m, true, ga.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    box_iou_backward_side_kernel<scalar_t><<<(m + threads - 1) / threads, threads, 0, stream>>>(
+    box_iou_backward_side_kernel<scalar_t><<<blocks_for(m, kSideThreads), kSideThreads, 0, stream>>>(
         g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), m, n, false, gb.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -223,8 +224,8 @@ std::tuple<at::Tensor, at::Tensor> box_iou_backward_kernel(const at::Tensor& gra
 }  // namespace visionops
 
 TORCH_LIBRARY_IMPL(visionops, CUDA, m) {
-  m.impl("nms", &visionops::nms_kernel);
-  m.impl("batched_nms", &visionops::batched_nms_kernel);
-  m.impl("box_iou", &visionops::box_iou_kernel);
-  m.impl("_box_iou_backward", &visionops::box_iou_backward_kernel);
+  m.impl("nms", TORCH_FN(visionops::nms_kernel));
+  m.impl("batched_nms", TORCH_FN(visionops::batched_nms_kernel));
+  m.impl("box_iou", TORCH_FN(visionops::box_iou_kernel));
+  m.impl("_box_iou_backward", TORCH_FN(visionops::box_iou_backward_kernel));
 }

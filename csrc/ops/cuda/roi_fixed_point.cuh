@@ -1,5 +1,6 @@
 #pragma once
-// Deterministic scatter-add for the RoI backward kernels (used when torch.are_deterministic_algorithms_enabled()).
+// The RoI backward kernels' scatter-add (scatter_roi_grad, at the end): float atomics, or, when
+// torch.are_deterministic_algorithms_enabled(), the deterministic fixed-point sum below.
 //
 // Float atomics make the summation order, and so the bits, vary run to run. Here every contribution is rounded to
 // a 64-bit fixed-point integer and added with integer atomics, which are associative: the result does not depend
@@ -8,7 +9,9 @@
 // ~2^-40 of max|grad| as resolution. Non-finite contributions are tracked in a separate flag word (NaN, +inf,
 // -inf) and restored at the end, as a float sum would. Memory: 8 + 4 bytes per gradient element, no K-fold blow-up.
 #include <cstdint>
+#include <type_traits>
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/abs.h>
 #include <ATen/ops/amax.h>
@@ -17,6 +20,8 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "ops/cuda/launch.cuh"
 
 namespace visionops {
 
@@ -45,14 +50,14 @@ struct FixedPointSum {
 
 template <typename scalar_t>
 __global__ void fixed_point_finish_kernel(FixedPointSum s, int64_t n, scalar_t* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const int f = s.flags[i];
-  double v = static_cast<double>(static_cast<long long>(s.q[i])) / s.scale();
-  if (f & 1 || (f & 6) == 6) v = __longlong_as_double(0x7ff8000000000000LL);  // NaN, or +inf + -inf
-  else if (f & 2) v = __longlong_as_double(0x7ff0000000000000LL);
-  else if (f & 4) v = -__longlong_as_double(0x7ff0000000000000LL);
-  out[i] = static_cast<scalar_t>(v);
+  VISIONOPS_KERNEL_LOOP(int64_t, i, n) {
+    const int f = s.flags[i];
+    double v = static_cast<double>(static_cast<long long>(s.q[i])) / s.scale();
+    if (f & 1 || (f & 6) == 6) v = __longlong_as_double(0x7ff8000000000000LL);  // NaN, or +inf + -inf
+    else if (f & 2) v = __longlong_as_double(0x7ff0000000000000LL);
+    else if (f & 4) v = -__longlong_as_double(0x7ff0000000000000LL);
+    out[i] = static_cast<scalar_t>(v);
+  }
 }
 
 // Buffers for a gradient shaped like `like_sizes`, the scale's input computed from `grad` (stream-ordered, no sync).
@@ -75,10 +80,31 @@ struct FixedPointBuffers {
   void finish(FixedPointSum s, at::Tensor& out, cudaStream_t stream) {
     const int64_t n = out.numel();
     if (n == 0) return;
-    fixed_point_finish_kernel<scalar_t><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        s, n, out.data_ptr<scalar_t>());
+    fixed_point_finish_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(s, n, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
+
+// The scatter of a RoI backward into `out` (zero-filled, grad's dtype), the same for every RoI op: float atomics
+// into an op-math (T) buffer, or fixed-point integer atomics when torch.are_deterministic_algorithms_enabled().
+// launch(deterministic, gin, fp) launches the op's kernel, deterministic being std::true_type or std::false_type:
+// it adds to gin (nullptr when deterministic) or to fp. `terms` bounds the total weight one element of `out` can
+// receive (it sets the fixed-point scale).
+template <typename scalar_t, typename T, typename Launch>
+void scatter_roi_grad(const at::Tensor& grad, at::Tensor& out, double terms, cudaStream_t stream,
+                      const Launch& launch) {
+  if (at::globalContext().deterministicAlgorithms()) {
+    FixedPointBuffers buf(grad, out.sizes());
+    const FixedPointSum s = buf.sum(terms);
+    launch(std::true_type{}, static_cast<T*>(nullptr), s);
+    buf.finish<scalar_t>(s, out, stream);
+    return;
+  }
+  // Half gradients are accumulated in float (no half atomics, and no rounding per addition).
+  constexpr bool kSame = std::is_same_v<T, scalar_t>;
+  at::Tensor acc = kSame ? out : at::zeros(out.sizes(), out.options().dtype(c10::CppTypeToScalarType<T>::value));
+  launch(std::false_type{}, acc.data_ptr<T>(), FixedPointSum{});
+  if (!kSame) out.copy_(acc);
+}
 
 }  // namespace visionops

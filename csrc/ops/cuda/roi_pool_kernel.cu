@@ -6,7 +6,6 @@
 // are read through their strides (channels_last in place). An out-of-range batch index gives zeros, no gradient.
 #include <cfloat>
 
-#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "ops/common/roi_checks.h"
 #include "ops/common/roi_pool.h"
 #include "ops/cuda/launch.cuh"
 #include "ops/cuda/roi_fixed_point.cuh"
@@ -27,8 +27,8 @@ namespace {
 // Max and argmax (h * W + w; -1 when nothing beats the initial value or the bin is empty) of element idx's bin.
 template <typename scalar_t, typename T, typename index_t>
 __device__ inline T bin_max(const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
-                            const Unravel<index_t>& u, int64_t B, int64_t H, int64_t W, T scale, int64_t PH,
-                            int64_t PW, int64_t& batch, int64_t& arg) {
+                            const Unravel<index_t>& u, int64_t B, int64_t H, int64_t W, T scale, int64_t PH, int64_t PW,
+                            int64_t& batch, int64_t& arg) {
   const int64_t pw = u.pw, ph = u.ph, c = u.c, k = u.k;
   const RoIPoolGeom<T> g = roi_pool_geom<T>(rois + 5 * k, scale, PH, PW);
   batch = g.batch;
@@ -53,13 +53,13 @@ __device__ inline T bin_max(const scalar_t* __restrict__ x, Strides4 sx, const T
 
 template <typename scalar_t, typename T, typename index_t>
 __global__ void roi_pool_forward_kernel_impl(const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
-                                             index_t n, int64_t B, index_t C, int64_t H, int64_t W, T scale,
-                                             index_t PH, index_t PW, scalar_t* __restrict__ out) {
-  const index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= n) return;
-  int64_t batch, arg;
-  const Unravel<index_t> u(idx, C, PH, PW);
-  out[idx] = static_cast<scalar_t>(bin_max(x, sx, rois, u, B, H, W, scale, PH, PW, batch, arg));
+                                             index_t n, int64_t B, index_t C, int64_t H, int64_t W, T scale, index_t PH,
+                                             index_t PW, scalar_t* __restrict__ out) {
+  VISIONOPS_KERNEL_LOOP(index_t, idx, n) {
+    int64_t batch, arg;
+    const Unravel<index_t> u(idx, C, PH, PW);
+    out[idx] = static_cast<scalar_t>(bin_max(x, sx, rois, u, B, H, W, scale, PH, PW, batch, arg));
+  }
 }
 
 template <typename scalar_t, typename T, typename index_t, bool kDeterministic>
@@ -67,30 +67,21 @@ __global__ void roi_pool_backward_kernel_impl(const scalar_t* __restrict__ grad,
                                               const scalar_t* __restrict__ x, Strides4 sx, const T* __restrict__ rois,
                                               index_t n, int64_t B, index_t C, int64_t H, int64_t W, T scale,
                                               index_t PH, index_t PW, T* __restrict__ gin, FixedPointSum fp) {
-  const index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= n) return;
-  int64_t batch, arg;
-  const Unravel<index_t> u(idx, C, PH, PW);
-  bin_max(x, sx, rois, u, B, H, W, scale, PH, PW, batch, arg);
-  if (arg < 0) return;
-  const T go = static_cast<T>(grad[u.k * sg.n + u.c * sg.c + u.ph * sg.h + u.pw * sg.w]);
-  const int64_t dst = (batch * C + u.c) * H * W + arg;
-  if constexpr (kDeterministic) fp.add(dst, static_cast<double>(go), fp.scale());
-  else atomicAdd(gin + dst, go);
-}
-
-void check_args(const at::Tensor& input, const at::Tensor& rois, int64_t PH, int64_t PW, const char* op) {
-  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must have shape [N, C, H, W], got ", input.sizes());
-  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK_VALUE(PH > 0 && PW > 0, op, ": output_size must be positive");
-  TORCH_CHECK_VALUE(input.device() == rois.device(), op, ": input and rois must be on the same device");
-  TORCH_CHECK_VALUE(rois.size(0) == 0 || (input.size(2) > 0 && input.size(3) > 0), op,
-                    ": input must have a non-empty feature map, got ", input.sizes());
+  VISIONOPS_KERNEL_LOOP(index_t, idx, n) {
+    int64_t batch, arg;
+    const Unravel<index_t> u(idx, C, PH, PW);
+    bin_max(x, sx, rois, u, B, H, W, scale, PH, PW, batch, arg);
+    if (arg < 0) continue;
+    const T go = static_cast<T>(grad[u.k * sg.n + u.c * sg.c + u.ph * sg.h + u.pw * sg.w]);
+    const int64_t dst = (batch * C + u.c) * H * W + arg;
+    if constexpr (kDeterministic) fp.add(dst, static_cast<double>(go), fp.scale());
+    else atomicAdd(gin + dst, go);
+  }
 }
 
 at::Tensor roi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& rois_in, double spatial_scale,
                                    int64_t pooled_height, int64_t pooled_width) {
-  check_args(input, rois_in, pooled_height, pooled_width, "roi_pool");
+  check_roi_pool_args("roi_pool", input, rois_in, spatial_scale, pooled_height, pooled_width);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t K = rois_in.size(0), B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor out = at::empty({K, C, pooled_height, pooled_width}, input.options());
@@ -114,48 +105,30 @@ at::Tensor roi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& ro
 
 at::Tensor roi_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& rois_in,
                                     double spatial_scale, int64_t pooled_height, int64_t pooled_width) {
-  check_args(input, rois_in, pooled_height, pooled_width, "_roi_pool_backward");
+  check_roi_pool_args("_roi_pool_backward", input, rois_in, spatial_scale, pooled_height, pooled_width, &grad);
   const int64_t K = rois_in.size(0), B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == K && grad.size(1) == C && grad.size(2) == pooled_height &&
-                        grad.size(3) == pooled_width,
-                    "_roi_pool_backward: grad must have shape [K, C, PH, PW], got ", grad.sizes());
-  TORCH_CHECK_VALUE(grad.scalar_type() == input.scalar_type(), "_roi_pool_backward: grad and input dtypes differ");
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor gin = at::zeros(input.sizes(), grad.options());
   const int64_t n = grad.numel();
   if (n == 0 || gin.numel() == 0) return gin;
-  const unsigned blocks = blocks_for(n);
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const T scale = static_cast<T>(spatial_scale);
-    if (deterministic) {
-      FixedPointBuffers buf(grad, input.sizes());
-      const FixedPointSum s = buf.sum(static_cast<double>(K) * pooled_height * pooled_width);
+    // Per RoI, one cell is the maximum of each bin at most once.
+    const double terms = static_cast<double>(K) * pooled_height * pooled_width;
+    scatter_roi_grad<scalar_t, T>(grad, gin, terms, stream, [&](auto deterministic, T* acc, FixedPointSum fp) {
       with_index_type(n, [&](auto index) {
         using index_t = decltype(index);
-        roi_pool_backward_kernel_impl<scalar_t, T, index_t, true><<<blocks, kThreads, 0, stream>>>(
-            grad.data_ptr<scalar_t>(), strides_of(grad), input.data_ptr<scalar_t>(), strides_of(input),
-            rois.data_ptr<T>(), static_cast<index_t>(n), B, static_cast<index_t>(C), H, W, scale,
-            static_cast<index_t>(pooled_height), static_cast<index_t>(pooled_width), nullptr, s);
+        roi_pool_backward_kernel_impl<scalar_t, T, index_t, decltype(deterministic)::value>
+            <<<blocks_for(n), kThreads, 0, stream>>>(
+                grad.data_ptr<scalar_t>(), strides_of(grad), input.data_ptr<scalar_t>(), strides_of(input),
+                rois.data_ptr<T>(), static_cast<index_t>(n), B, static_cast<index_t>(C), H, W, scale,
+                static_cast<index_t>(pooled_height), static_cast<index_t>(pooled_width), acc, fp);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-      buf.finish<scalar_t>(s, gin, stream);
-      return;
-    }
-    at::Tensor acc = std::is_same_v<T, scalar_t> ? gin : at::zeros(input.sizes(), grad.options().dtype(c10::CppTypeToScalarType<T>::value));
-    with_index_type(n, [&](auto index) {
-      using index_t = decltype(index);
-      roi_pool_backward_kernel_impl<scalar_t, T, index_t, false><<<blocks, kThreads, 0, stream>>>(
-          grad.data_ptr<scalar_t>(), strides_of(grad), input.data_ptr<scalar_t>(), strides_of(input),
-          rois.data_ptr<T>(), static_cast<index_t>(n), B, static_cast<index_t>(C), H, W, scale,
-          static_cast<index_t>(pooled_height), static_cast<index_t>(pooled_width), acc.data_ptr<T>(),
-          FixedPointSum{});
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    if (!std::is_same_v<T, scalar_t>) gin.copy_(acc);
   });
   return gin;
 }
