@@ -43,10 +43,16 @@ def _with_cuda():
     return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
 
 
+def _glob(pattern):
+    """Files matching `pattern` under the setup.py folder (a checkout or an unpacked sdist), as the relative paths
+    setuptools expects: pip and build run setup.py from its own folder."""
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(glob.escape(ROOT), pattern)))
+
+
 def _sources(with_cuda):
-    srcs = sorted(glob.glob("csrc/ops/*.cpp")) + sorted(glob.glob("csrc/ops/cpu/*.cpp")) + ["csrc/python_module.cpp"]
+    srcs = _glob("csrc/ops/*.cpp") + _glob("csrc/ops/cpu/*.cpp") + ["csrc/python_module.cpp"]
     if with_cuda:
-        srcs += sorted(glob.glob("csrc/ops/cuda/*.cu"))
+        srcs += _glob("csrc/ops/cuda/*.cu")
     return srcs
 
 
