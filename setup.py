@@ -2,6 +2,7 @@
 
 Use `pip install --no-build-isolation [-e] .` so the extension is built against the torch already installed.
 """
+
 import glob
 import os
 import sys
@@ -66,7 +67,7 @@ def _extension():
         ("VISIONOPS_TORCH_VERSION", '"%s"' % torch.__version__),
         ("VISIONOPS_CUDA_ARCHES", '"%s"' % arch_list.replace(";", " ")),
         ("VISIONOPS_VERSION", '"%s"' % VERSION),
-        ("Py_LIMITED_API", "0x03090000"),
+        ("Py_LIMITED_API", "0x030A0000"),  # the value recent torch passes too
     ]
     cxx = ["-O3", "-fdiagnostics-color=always"]
     link = []
@@ -78,8 +79,12 @@ def _extension():
     if _env_flag("VISIONOPS_NATIVE"):  # opt-in: tune for the build machine (not portable)
         cxx.append("-march=native")
     extra = {"cxx": cxx}
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros, py_limited_api=True,
-                  extra_link_args=link)
+    kwargs = dict(
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        py_limited_api=True,
+        extra_link_args=link,
+    )
     if with_cuda:
         define_macros.append(("VISIONOPS_WITH_CUDA", None))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -99,5 +104,5 @@ setup(
     packages=find_packages(include=["visionops", "visionops.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -8,6 +8,7 @@ Run it from a directory outside the checkout. --forbid fails if visionops or its
 checkout, or an editable install elsewhere); --no-triton also checks that triton is not installed (visionops must
 import without it); --cpu-only checks that _C holds no CUDA kernels (a build without FORCE_CUDA and without a GPU).
 """
+
 import argparse
 import importlib.util
 import os

@@ -1,4 +1,5 @@
 """Small CUDA calls of every op family, for `compute-sanitizer` (memcheck/racecheck) in gpu_check.sh."""
+
 import torch
 
 import visionops
@@ -35,8 +36,10 @@ def roi_family():
     finally:
         torch.use_deterministic_algorithms(False)
     pooler = visionops.MultiScaleRoIAlign(["0", "1"], 3, 2)
-    feats = {"0": torch.randn(2, 4, 32, 32, device="cuda", requires_grad=True),
-             "1": torch.randn(2, 4, 16, 16, device="cuda", requires_grad=True)}
+    feats = {
+        "0": torch.randn(2, 4, 32, 32, device="cuda", requires_grad=True),
+        "1": torch.randn(2, 4, 16, 16, device="cuda", requires_grad=True),
+    }
     pooler(feats, [boxes(10, 2), boxes(7, 3)], [(128, 128), (120, 128)]).sum().backward()
 
 
@@ -52,8 +55,9 @@ def anchor_family():
         visionops.decode_boxes(deltas, anchors, image_size=(90, 120), backend=backend).sum().backward()
         visionops.encode_boxes(boxes(100, 5), anchors, backend=backend)
         visionops.filter_boxes(anchors, torch.rand(100, device="cuda"), 0.3, 2.0, backend=backend)
-        visionops.grid_anchors([(5, 7), (3, 4)], [(8, 8), (16, 16)],
-                               [visionops.cell_anchors((32,), (1.0,)).cuda()] * 2, backend=backend)
+        visionops.grid_anchors(
+            [(5, 7), (3, 4)], [(8, 8), (16, 16)], [visionops.cell_anchors((32,), (1.0,)).cuda()] * 2, backend=backend
+        )
 
 
 CALLS = [nms_family, roi_family, anchor_family]

@@ -1,5 +1,6 @@
 """pytest-benchmark suite of the anchors / box-coding cases (visionops/bench/cases/anchors.py), CPU:
 `pytest benchmarks/test_bench_anchors.py --benchmark-only`. Each case is timed for visionops and its baseline."""
+
 import pytest
 import torch
 

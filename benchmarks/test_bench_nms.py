@@ -3,6 +3,7 @@
     python -m pytest benchmarks/test_bench_nms.py --benchmark-enable [--benchmark-compare]
 Each case is benchmarked twice, `visionops` and `baseline`; compare them in the table pytest-benchmark prints.
 """
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """pytest-benchmark suite of the RoI family: the same cases as `python -m visionops.bench --filter roi`."""
+
 import pytest
 import torch
 

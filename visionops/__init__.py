@@ -3,6 +3,7 @@
 Every op is registered in the dispatcher as ``torch.ops.visionops.<name>`` and exposed here with torchvision's
 Python signature plus a keyword-only ``backend=`` ("auto", "cpp", "triton", "reference").
 """
+
 from visionops._version import __version__
 from visionops._extension import build_info  # loads _C: registers the C++/CUDA kernels
 from visionops import ops  # noqa: E402  (declares every op in the registry)

@@ -1,4 +1,5 @@
 """Loads visionops._C (whose import registers the C++/CUDA kernels in the dispatcher) and reports how it was built."""
+
 import warnings
 
 import torch
@@ -13,7 +14,8 @@ try:
     from visionops import _C  # noqa: F401  (import for its op registrations)
 except ImportError as e:  # missing, or built against another torch (undefined symbols)
     raise ImportError(
-        f"visionops could not load its compiled extension visionops._C: {e}. " + _REBUILD.format(torch=torch.__version__)
+        f"visionops could not load its compiled extension visionops._C: {e}. "
+        + _REBUILD.format(torch=torch.__version__)
     ) from e
 
 

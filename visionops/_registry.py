@@ -19,6 +19,7 @@ Triton op alike, by one function (:func:`_register`), whichever of declaration a
 This module is the bottom of the package: it imports nothing of visionops, so kernel modules (visionops/triton)
 import it and never the public layer. ``import visionops`` works without triton; ``backend="triton"`` then raises.
 """
+
 import functools
 import importlib
 import os
@@ -197,7 +198,7 @@ def dispatch(name: str, backend: str, device: torch.device) -> Callable:
     return fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def limit(key: str) -> int:
     """A limit compiled into the C++ kernels and shared by every backend (``roi_align_max_levels``,
     ``roi_align_max_grid``), read from ``_build_info()`` so it is defined once, in csrc/ops/common/."""

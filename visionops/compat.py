@@ -12,6 +12,7 @@ patched, not only the module functions):
 Use it as a context manager, or call it and later ``unpatch()``; leaving restores torchvision exactly (the original
 objects are put back). Patches nest: each ``unpatch()`` undoes the most recent ``patch_torchvision()``.
 """
+
 import contextlib
 import importlib
 import sys
@@ -66,9 +67,12 @@ def _targets():
     functions = {"nms": visionops.nms, "batched_nms": visionops.batched_nms, "box_iou": visionops.box_iou}
     targets = [(owner, name, fn) for name, fn in functions.items() for owner in (tv_ops, tv_boxes)]
     targets += [
-        (tv_ops, "roi_align", visionops.roi_align), (roi_align_mod, "roi_align", visionops.roi_align),
-        (roi_heads, "roi_align", visionops.roi_align), (poolers, "roi_align", visionops.roi_align),
-        (tv_ops, "roi_pool", visionops.roi_pool), (roi_pool_mod, "roi_pool", visionops.roi_pool),
+        (tv_ops, "roi_align", visionops.roi_align),
+        (roi_align_mod, "roi_align", visionops.roi_align),
+        (roi_heads, "roi_align", visionops.roi_align),
+        (poolers, "roi_align", visionops.roi_align),
+        (tv_ops, "roi_pool", visionops.roi_pool),
+        (roi_pool_mod, "roi_pool", visionops.roi_pool),
         (poolers.MultiScaleRoIAlign, "forward", _multiscale_forward),
         (anchor_utils.AnchorGenerator, "forward", _anchor_forward),
         (det_utils.BoxCoder, "encode_single", _encode_single),

@@ -3,6 +3,7 @@
 CPU by default, plus CUDA when a GPU is available (--device picks). Threads are pinned (default 2, as the issues'
 CPU targets assume). Results go to a JSON file and a PNG plot of the ratios.
 """
+
 import argparse
 import datetime
 import os
@@ -15,10 +16,12 @@ from visionops.bench.cases import all_cases
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m visionops.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default=None,
-                        help="default: cpu, and cuda too when available")
+    parser = argparse.ArgumentParser(
+        prog="python -m visionops.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda", "all"], default=None, help="default: cpu, and cuda too when available"
+    )
     parser.add_argument("--quick", action="store_true", help="small cases, short timing (a smoke test)")
     parser.add_argument("--filter", default="", help="regex on 'op case', e.g. 'nms' or 'roi_align.*backward'")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
@@ -43,7 +46,9 @@ def main(argv=None) -> int:
     try:
         from tqdm import tqdm
 
-        progress = tqdm(total=total, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)  # off when not a TTY
+        progress = tqdm(
+            total=total, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None
+        )  # off when not a TTY
     except ImportError:
         progress = None
     results = []

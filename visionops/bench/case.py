@@ -1,4 +1,5 @@
 """A benchmark case: one op on one input, timed for visionops and for its baseline in the same run."""
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Tuple
 

@@ -1,4 +1,5 @@
 """Times every case for visionops and its baseline in the same run and reports the ratio baseline / visionops."""
+
 import datetime
 import json
 import os
@@ -37,8 +38,11 @@ def versions() -> dict:
 
 def select(cases: List[Case], device: str, quick: bool, pattern: str) -> List[Case]:
     regex = re.compile(pattern, re.IGNORECASE) if pattern else None
-    return [c for c in cases if device in c.devices and (c.quick or not quick)
-            and (regex is None or regex.search(f"{c.op} {c.name}"))]
+    return [
+        c
+        for c in cases
+        if device in c.devices and (c.quick or not quick) and (regex is None or regex.search(f"{c.op} {c.name}"))
+    ]
 
 
 def time_fn(fn, threads: int, min_run_time: float) -> float:
@@ -53,8 +57,13 @@ def run(cases: List[Case], device: str, threads: int, min_run_time: float, progr
     for case in cases:
         if progress is not None:
             progress.set_description(f"{case.op} {case.name}")
-        row = {"op": case.op, "case": case.name, "device": device, "baseline": case.baseline,
-               "target": case.gpu_target if device == "cuda" else case.target}
+        row = {
+            "op": case.op,
+            "case": case.name,
+            "device": device,
+            "baseline": case.baseline,
+            "target": case.gpu_target if device == "cuda" else case.target,
+        }
         try:
             ours, base, check = case.make(torch.device(device))
             check(ours(), base())
@@ -79,15 +88,22 @@ def format_table(results: List[dict]) -> str:
             lines.append(f"{r['op']:<14} {r['case']:<30} {r['device']:<6} ERROR {r['error']}")
             continue
         target = f">= {r['target']:g}x {'ok' if r['ratio'] >= r['target'] else 'MISSED'}" if r["target"] else ""
-        lines.append(f"{r['op']:<14} {r['case']:<30} {r['device']:<6} {r['visionops_ms']:>9.3f}ms "
-                     f"{r['baseline_ms']:>9.3f}ms {r['ratio']:>7.2f}x  {target}")
+        lines.append(
+            f"{r['op']:<14} {r['case']:<30} {r['device']:<6} {r['visionops_ms']:>9.3f}ms "
+            f"{r['baseline_ms']:>9.3f}ms {r['ratio']:>7.2f}x  {target}"
+        )
     return "\n".join(lines)
 
 
 def save_json(results: List[dict], path: str, devices: dict, threads: int) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    payload = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "versions": versions(), "devices": devices, "threads": threads, "results": results}
+    payload = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "devices": devices,
+        "threads": threads,
+        "results": results,
+    }
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
 

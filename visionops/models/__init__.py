@@ -12,6 +12,7 @@ Conventions: built from the public ``visionops.*`` API only; a ``backend="vision
 "pytorch" path uses torchvision / plain PyTorch ops and nothing of ours; parameters independent of the backend (a
 state_dict moves between the two); random sampling takes a ``torch.Generator``.
 """
+
 from typing import Tuple
 
 BACKENDS: Tuple[str, ...] = ("visionops", "pytorch")

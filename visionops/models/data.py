@@ -3,14 +3,16 @@ examples need no download and repeat exactly.
 
 Conventions: visionops/models/README.md.
 """
+
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 
-def random_boxes(n: int, image_size: Tuple[int, int], *, min_size: float = 8.0,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+def random_boxes(
+    n: int, image_size: Tuple[int, int], *, min_size: float = 8.0, generator: Optional[torch.Generator] = None
+) -> Tensor:
     """Tensor[n, 4] of (x1, y1, x2, y2) boxes inside an image of size (H, W), each side at least ``min_size``."""
     h, w = image_size
     if min_size <= 0 or min_size > min(h, w):
@@ -20,8 +22,14 @@ def random_boxes(n: int, image_size: Tuple[int, int], *, min_size: float = 8.0,
     return torch.cat([xy, xy + wh], 1)
 
 
-def shapes_detection(num_images: int, image_size: Tuple[int, int] = (128, 128), *, max_objects: int = 4,
-                     num_classes: int = 3, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, List[dict]]:
+def shapes_detection(
+    num_images: int,
+    image_size: Tuple[int, int] = (128, 128),
+    *,
+    max_objects: int = 4,
+    num_classes: int = 3,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, List[dict]]:
     """A toy detection set: images [N, 3, H, W] with filled rectangles on noise, and torchvision-style targets
     (``{"boxes": Tensor[K, 4], "labels": Tensor[K] in 1..num_classes}`` per image; class c paints channel c % 3)."""
     if num_images < 0 or max_objects < 1 or num_classes < 1:

@@ -1,5 +1,6 @@
 """The public op wrappers, one module per family: argument checks, docstrings with shapes, modules, and the family's
 declarations in the op registry (visionops/_registry.py). Each family module lists its public names in __all__."""
+
 import visionops.ops.anchors as _anchors
 import visionops.ops.box_coder as _box_coder
 import visionops.ops.boxes as _boxes

@@ -1,12 +1,20 @@
 """Argument checks shared by the op wrappers: user mistakes become ValueError/TypeError naming the argument."""
+
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 
-def check_tensor(name: str, t, *, floating: bool = False, integer: bool = False, dim: Optional[int] = None,
-                 last: Optional[int] = None) -> None:
+def check_tensor(
+    name: str,
+    t,
+    *,
+    floating: bool = False,
+    integer: bool = False,
+    dim: Optional[int] = None,
+    last: Optional[int] = None,
+) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and not t.is_floating_point():

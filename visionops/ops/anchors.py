@@ -2,6 +2,7 @@
 
 Kernels: csrc/ops/{cpu,cuda}/anchors_kernel.*, visionops/triton/anchors.py; math: visionops/reference/anchors.py.
 """
+
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -12,6 +13,7 @@ from visionops import _registry as registry
 from visionops import reference
 
 __all__ = ["AnchorGenerator", "DefaultBoxGenerator", "cell_anchors", "grid_anchors"]
+
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -47,8 +49,14 @@ def _as_pair(name: str, value) -> Tuple[float, float]:
     return out[0], out[1]
 
 
-def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], rounded: bool = True, *,
-                 dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+def cell_anchors(
+    sizes: Sequence[float],
+    aspect_ratios: Sequence[float],
+    rounded: bool = True,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> Tensor:
     """Zero-centred anchors of one level: Tensor[len(aspect_ratios) * len(sizes), 4] as (x1, y1, x2, y2).
 
     Ratio-major, then size, as torchvision; aspect ratio = height / width. ``rounded=True`` rounds the corners to
@@ -60,14 +68,29 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], rounded
     return reference.cell_anchors(sizes, aspect_ratios, rounded=bool(rounded), dtype=dtype, device=device)
 
 
-def _grid_anchors_op(cells: Tensor, num_cells: List[int], grid: List[int], strides: List[float], offset: float,
-                     num_images: int, dtype: torch.dtype, backend: str) -> Tensor:
-    return registry.dispatch("grid_anchors", backend, cells.device)(cells, num_cells, grid, strides, offset,
-                                                                     num_images, dtype)
+def _grid_anchors_op(
+    cells: Tensor,
+    num_cells: List[int],
+    grid: List[int],
+    strides: List[float],
+    offset: float,
+    num_images: int,
+    dtype: torch.dtype,
+    backend: str,
+) -> Tensor:
+    return registry.dispatch("grid_anchors", backend, cells.device)(
+        cells, num_cells, grid, strides, offset, num_images, dtype
+    )
 
 
-def grid_anchors(feature_sizes: Sequence[Tuple[int, int]], strides: Sequence[Tuple[float, float]],
-                 cell_anchors: Sequence[Tensor], offset: float = 0.0, *, backend: str = "auto") -> Tensor:
+def grid_anchors(
+    feature_sizes: Sequence[Tuple[int, int]],
+    strides: Sequence[Tuple[float, float]],
+    cell_anchors: Sequence[Tensor],
+    offset: float = 0.0,
+    *,
+    backend: str = "auto",
+) -> Tensor:
     """Anchors of every level, in one kernel launch: Tensor[sum_l H_l * W_l * A_l, 4].
 
     Args:
@@ -83,8 +106,10 @@ def grid_anchors(feature_sizes: Sequence[Tuple[int, int]], strides: Sequence[Tup
     if not isinstance(cell_anchors, (list, tuple)) or not all(isinstance(c, Tensor) for c in cell_anchors):
         raise TypeError("cell_anchors must be a list of tensors")
     if not (len(feature_sizes) == len(strides) == len(cell_anchors)):
-        raise ValueError(f"feature_sizes, strides and cell_anchors must have one entry per level, got "
-                         f"{len(feature_sizes)}, {len(strides)} and {len(cell_anchors)}")
+        raise ValueError(
+            f"feature_sizes, strides and cell_anchors must have one entry per level, got "
+            f"{len(feature_sizes)}, {len(strides)} and {len(cell_anchors)}"
+        )
     if len(cell_anchors) == 0:
         raise ValueError("cell_anchors must have at least one level")
     dtype, device = cell_anchors[0].dtype, cell_anchors[0].device
@@ -125,8 +150,10 @@ class AnchorGenerator(nn.Module):
         if not isinstance(aspect_ratios[0], (list, tuple)):
             aspect_ratios = (aspect_ratios,) * len(sizes)
         if len(sizes) != len(aspect_ratios):
-            raise ValueError(f"sizes and aspect_ratios must have one entry per feature map, got {len(sizes)} and "
-                             f"{len(aspect_ratios)}")
+            raise ValueError(
+                f"sizes and aspect_ratios must have one entry per feature map, got {len(sizes)} and "
+                f"{len(aspect_ratios)}"
+            )
         self.sizes = sizes
         self.aspect_ratios = aspect_ratios
         self.backend = backend
@@ -165,14 +192,22 @@ class AnchorGenerator(nn.Module):
         return anchors_for_images(self.cell_anchors, image_list, feature_maps, backend=self.backend, cells=cells)
 
 
-def anchors_for_images(cell_anchors_per_level: List[Tensor], image_list, feature_maps: List[Tensor], *,
-                       backend: str = "auto", cells: Optional[Tensor] = None) -> List[Tensor]:
+def anchors_for_images(
+    cell_anchors_per_level: List[Tensor],
+    image_list,
+    feature_maps: List[Tensor],
+    *,
+    backend: str = "auto",
+    cells: Optional[Tensor] = None,
+) -> List[Tensor]:
     """AnchorGenerator.forward as a function of the per-level cell anchors (also used to route torchvision's
     AnchorGenerator through visionops, see visionops.patch_torchvision). ``cells``: the concatenated cell anchors
     already in the feature maps' dtype/device, if the caller caches them."""
     if len(feature_maps) != len(cell_anchors_per_level):
-        raise ValueError(f"got {len(feature_maps)} feature maps but the generator has {len(cell_anchors_per_level)} "
-                         f"levels (sizes / aspect_ratios need one entry per feature map)")
+        raise ValueError(
+            f"got {len(feature_maps)} feature maps but the generator has {len(cell_anchors_per_level)} "
+            f"levels (sizes / aspect_ratios need one entry per feature map)"
+        )
     image_h, image_w = (int(v) for v in image_list.tensors.shape[-2:])
     dtype, device = feature_maps[0].dtype, feature_maps[0].device
     grid, strides = [], []
@@ -196,8 +231,15 @@ class DefaultBoxGenerator(nn.Module):
     torchvision's per-image repeat/concatenate, then each further image gets its own copy.
     """
 
-    def __init__(self, aspect_ratios: List[List[float]], min_ratio: float = 0.15, max_ratio: float = 0.9,
-                 scales: Optional[List[float]] = None, steps: Optional[List[int]] = None, clip: bool = True):
+    def __init__(
+        self,
+        aspect_ratios: List[List[float]],
+        min_ratio: float = 0.15,
+        max_ratio: float = 0.9,
+        scales: Optional[List[float]] = None,
+        steps: Optional[List[int]] = None,
+        clip: bool = True,
+    ):
         super().__init__()
         if not isinstance(aspect_ratios, (list, tuple)) or len(aspect_ratios) == 0:
             raise ValueError(f"aspect_ratios must be a non-empty list of lists, got {aspect_ratios!r}")
@@ -237,8 +279,10 @@ class DefaultBoxGenerator(nn.Module):
         return [2 + 2 * len(r) for r in self.aspect_ratios]
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}(aspect_ratios={self.aspect_ratios}, clip={self.clip}, "
-                f"scales={self.scales}, steps={self.steps})")
+        return (
+            f"{self.__class__.__name__}(aspect_ratios={self.aspect_ratios}, clip={self.clip}, "
+            f"scales={self.scales}, steps={self.steps})"
+        )
 
     def _boxes(self, grid_sizes, image_size, dtype) -> Tensor:
         # Same float32 operations as torchvision (centres (i + 0.5) / f, then (c -/+ wh / 2) * image size).
@@ -263,8 +307,9 @@ class DefaultBoxGenerator(nn.Module):
 
     def forward(self, image_list, feature_maps: List[Tensor]) -> List[Tensor]:
         if len(feature_maps) != len(self.aspect_ratios):
-            raise ValueError(f"got {len(feature_maps)} feature maps but aspect_ratios has {len(self.aspect_ratios)} "
-                             f"levels")
+            raise ValueError(
+                f"got {len(feature_maps)} feature maps but aspect_ratios has {len(self.aspect_ratios)} levels"
+            )
         grid_sizes = [tuple(int(v) for v in f.shape[-2:]) for f in feature_maps]
         image_size = [int(v) for v in image_list.tensors.shape[-2:]]
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
@@ -285,5 +330,6 @@ def _grid_anchors_fake(cell_anchors, num_cell_anchors, grid_sizes, strides, offs
     return cell_anchors.new_empty((num_images, total, 4), dtype=dtype)
 
 
-registry.declare(registry.OpDef("grid_anchors", reference.grid_anchors_op, _grid_anchors_fake,
-                                triton="visionops.triton.anchors"))
+registry.declare(
+    registry.OpDef("grid_anchors", reference.grid_anchors_op, _grid_anchors_fake, triton="visionops.triton.anchors")
+)

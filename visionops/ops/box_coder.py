@@ -3,6 +3,7 @@
 Same results as torchvision's detection ``BoxCoder``. Kernels: csrc/ops/{cpu,cuda}/box_coder_kernel.*,
 visionops/triton/box_coder.py; math: visionops/reference/box_coder.py.
 """
+
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -16,6 +17,7 @@ from visionops.ops._checks import check_boxes, check_number, check_same_device, 
 __all__ = ["BoxCoder", "decode_boxes", "encode_boxes", "filter_boxes"]
 
 DEFAULT_CLIP = math.log(1000.0 / 16)
+
 
 def _check_weights(weights) -> List[float]:
     if isinstance(weights, Tensor):
@@ -41,9 +43,15 @@ def _check_image_size(image_size) -> List[float]:
     return hw
 
 
-def decode_boxes(deltas: Tensor, anchors: Tensor, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-                 bbox_xform_clip: float = DEFAULT_CLIP, image_size: Optional[Tuple[int, int]] = None, *,
-                 backend: str = "auto") -> Tensor:
+def decode_boxes(
+    deltas: Tensor,
+    anchors: Tensor,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    bbox_xform_clip: float = DEFAULT_CLIP,
+    image_size: Optional[Tuple[int, int]] = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
     """Decode box deltas against anchors in one pass, and clip to the image if ``image_size`` is given.
 
     Equal to torchvision's ``BoxCoder(weights, bbox_xform_clip).decode_single(deltas, anchors)``, followed by
@@ -73,8 +81,13 @@ def decode_boxes(deltas: Tensor, anchors: Tensor, weights: Sequence[float] = (1.
     return registry.dispatch("decode_boxes", backend, deltas.device)(deltas, anchors, w, clip, size)
 
 
-def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), *,
-                 backend: str = "auto") -> Tensor:
+def encode_boxes(
+    reference_boxes: Tensor,
+    proposals: Tensor,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    *,
+    backend: str = "auto",
+) -> Tensor:
     """Regression targets of ``reference_boxes`` (ground truth) w.r.t. ``proposals``, as torchvision's
     ``encode_boxes``: Tensor[N, 4], Tensor[N, 4] -> Tensor[N, 4] of (dx, dy, dw, dh), in the reference boxes' dtype.
 
@@ -89,8 +102,9 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Sequence[f
     return registry.dispatch("encode_boxes", backend, reference_boxes.device)(reference_boxes, proposals, w)
 
 
-def filter_boxes(boxes: Tensor, scores: Tensor, score_threshold: float, min_size: float, *,
-                 backend: str = "auto") -> Tensor:
+def filter_boxes(
+    boxes: Tensor, scores: Tensor, score_threshold: float, min_size: float, *, backend: str = "auto"
+) -> Tensor:
     """Indices (Tensor[K] int64, increasing) of the boxes with ``score >= score_threshold`` and both sides
     ``>= min_size``: torchvision RPN's ``remove_small_boxes`` + score filter in one pass.
 
@@ -111,8 +125,13 @@ def filter_boxes(boxes: Tensor, scores: Tensor, score_threshold: float, min_size
 class BoxCoder:
     """Drop-in for ``torchvision.models.detection._utils.BoxCoder``: same methods, same results, one kernel each."""
 
-    def __init__(self, weights: Tuple[float, float, float, float], bbox_xform_clip: float = DEFAULT_CLIP, *,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        weights: Tuple[float, float, float, float],
+        bbox_xform_clip: float = DEFAULT_CLIP,
+        *,
+        backend: str = "auto",
+    ) -> None:
         _check_weights(weights)
         check_number("bbox_xform_clip", bbox_xform_clip)
         self.weights = weights
@@ -170,7 +189,14 @@ def _filter_fake(boxes, scores, score_threshold, min_size):
 
 
 _TRITON = "visionops.triton.box_coder"
-registry.declare(registry.OpDef("decode_boxes", reference.decode_boxes, _like_first, triton=_TRITON,
-                                backward=registry.Backward(_decode_setup, _decode_backward, _decode_backward_fake)))
+registry.declare(
+    registry.OpDef(
+        "decode_boxes",
+        reference.decode_boxes,
+        _like_first,
+        triton=_TRITON,
+        backward=registry.Backward(_decode_setup, _decode_backward, _decode_backward_fake),
+    )
+)
 registry.declare(registry.OpDef("encode_boxes", reference.encode_boxes, _like_first, triton=_TRITON))
 registry.declare(registry.OpDef("filter_boxes", reference.filter_boxes, _filter_fake, triton=_TRITON))

@@ -3,6 +3,7 @@
 These are pure PyTorch (one or two elementwise ops each; a kernel would not beat them): they exist so that
 visionops covers the detection front end without importing torchvision.
 """
+
 from typing import Tuple
 
 import torch

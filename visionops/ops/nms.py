@@ -2,6 +2,7 @@
 
 Kernels: csrc/ops/{cpu,cuda}/nms_kernel.*, visionops/triton/nms.py; math: visionops/reference/nms.py.
 """
+
 import torch
 from torch import Tensor
 
@@ -82,12 +83,24 @@ def _box_iou_backward(backward_op, ctx, grad):
 
 
 # As torchvision: under autocast, NMS runs in float32 (its inputs are upcast, never downcast).
-registry.declare(registry.OpDef("nms", reference.nms, _keep_fake, triton="visionops.triton.nms",
-                                autocast=torch.float32))
-registry.declare(registry.OpDef("batched_nms", reference.batched_nms, _keep_fake, triton="visionops.triton.nms",
-                                autocast=torch.float32))
-registry.declare(registry.OpDef(
-    "box_iou", reference.box_iou, lambda boxes1, boxes2: boxes1.new_empty((boxes1.shape[0], boxes2.shape[0])),
-    triton="visionops.triton.nms",
-    backward=registry.Backward(_box_iou_setup, _box_iou_backward,
-                               fake=lambda grad, boxes1, boxes2: (torch.empty_like(boxes1), torch.empty_like(boxes2)))))
+registry.declare(
+    registry.OpDef("nms", reference.nms, _keep_fake, triton="visionops.triton.nms", autocast=torch.float32)
+)
+registry.declare(
+    registry.OpDef(
+        "batched_nms", reference.batched_nms, _keep_fake, triton="visionops.triton.nms", autocast=torch.float32
+    )
+)
+registry.declare(
+    registry.OpDef(
+        "box_iou",
+        reference.box_iou,
+        lambda boxes1, boxes2: boxes1.new_empty((boxes1.shape[0], boxes2.shape[0])),
+        triton="visionops.triton.nms",
+        backward=registry.Backward(
+            _box_iou_setup,
+            _box_iou_backward,
+            fake=lambda grad, boxes1, boxes2: (torch.empty_like(boxes1), torch.empty_like(boxes2)),
+        ),
+    )
+)

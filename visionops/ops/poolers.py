@@ -6,6 +6,7 @@ level 4), then every box is pooled from its level by one kernel launch over all 
 backward likewise one launch), instead of torchvision's Python loop of a where/index/roi_align/index_put per level.
 Gradients flow to the features only. ``backend="reference"``, and more than 8 levels, keep torchvision's loop.
 """
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -31,8 +32,7 @@ class LevelMapper:
     """Level of each box: floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps), clamped to
     [k_min, k_max], minus k_min."""
 
-    def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
-                 eps: float = 1e-6):
+    def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4, eps: float = 1e-6):
         self.k_min, self.k_max = k_min, k_max
         self.s0, self.lvl0, self.eps = canonical_scale, canonical_level, eps
 
@@ -44,8 +44,9 @@ class LevelMapper:
         return lvl.to(torch.int64) - self.k_min
 
 
-def setup_scales(features: List[Tensor], image_shapes: List[Tuple[int, int]], canonical_scale: int = 224,
-                 canonical_level: int = 4) -> Tuple[List[float], LevelMapper]:
+def setup_scales(
+    features: List[Tensor], image_shapes: List[Tuple[int, int]], canonical_scale: int = 224, canonical_level: int = 4
+) -> Tuple[List[float], LevelMapper]:
     if not image_shapes:
         raise ValueError("image_shapes must contain at least one (height, width)")
     original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
@@ -55,8 +56,16 @@ def setup_scales(features: List[Tensor], image_shapes: List[Tuple[int, int]], ca
     return scales, LevelMapper(int(lvl_min), int(lvl_max), canonical_scale, canonical_level)
 
 
-def multi_scale_roi_align(features: List[Tensor], boxes: List[Tensor], output_size, sampling_ratio: int,
-                          scales: List[float], mapper: LevelMapper, *, backend: str = "auto") -> Tensor:
+def multi_scale_roi_align(
+    features: List[Tensor],
+    boxes: List[Tensor],
+    output_size,
+    sampling_ratio: int,
+    scales: List[float],
+    mapper: LevelMapper,
+    *,
+    backend: str = "auto",
+) -> Tensor:
     """Pool each box of ``boxes`` (list of Tensor[L_i, 4], one per image) from its FPN level of ``features``
     (list of Tensor[N, C, H_l, W_l]). Returns Tensor[sum L_i, C, h, w] (aligned=False, as torchvision)."""
     if not features:
@@ -91,8 +100,16 @@ class MultiScaleRoIAlign(nn.Module):
 
     __annotations__ = {"scales": Optional[List[float]], "map_levels": Optional[LevelMapper]}
 
-    def __init__(self, featmap_names: List[str], output_size, sampling_ratio: int, *, canonical_scale: int = 224,
-                 canonical_level: int = 4, backend: str = "auto"):
+    def __init__(
+        self,
+        featmap_names: List[str],
+        output_size,
+        sampling_ratio: int,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+        backend: str = "auto",
+    ):
         super().__init__()
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
@@ -108,14 +125,18 @@ class MultiScaleRoIAlign(nn.Module):
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
         features = [v for k, v in x.items() if k in self.featmap_names]
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = setup_scales(features, image_shapes, self.canonical_scale,
-                                                        self.canonical_level)
-        return multi_scale_roi_align(features, boxes, self.output_size, self.sampling_ratio, self.scales,
-                                     self.map_levels, backend=self.backend)
+            self.scales, self.map_levels = setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        return multi_scale_roi_align(
+            features, boxes, self.output_size, self.sampling_ratio, self.scales, self.map_levels, backend=self.backend
+        )
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "
-                f"sampling_ratio={self.sampling_ratio})")
+        return (
+            f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "
+            f"sampling_ratio={self.sampling_ratio})"
+        )
 
 
 # ---- declaration: fake kernels, autograd to every level's features, Triton op checks -----------------------------
@@ -126,7 +147,7 @@ def _fake(features, rois, levels, scales, pooled_height, pooled_width, sampling_
 
 
 def _backward_fake(grad, rois, levels, scales, pooled_height, pooled_width, feature_shapes, sampling_ratio, aligned):
-    return [grad.new_empty(feature_shapes[i:i + 4]) for i in range(0, len(feature_shapes), 4)]
+    return [grad.new_empty(feature_shapes[i : i + 4]) for i in range(0, len(feature_shapes), 4)]
 
 
 def _setup(ctx, inputs, output):
@@ -145,19 +166,33 @@ def _check(features, rois, levels, scales, pooled_height, pooled_width, sampling
     """Arguments of the Triton op, checked as the C++ kernels check theirs (ValueError naming the argument)."""
     op = "multi_scale_roi_align"
     if not 1 <= len(features) <= _MAX_LEVELS or len(scales) != len(features):
-        raise ValueError(f"{op}: need 1 to {_MAX_LEVELS} feature levels and one spatial scale per level, got "
-                         f"{len(features)} levels and {len(scales)} scales")
+        raise ValueError(
+            f"{op}: need 1 to {_MAX_LEVELS} feature levels and one spatial scale per level, got "
+            f"{len(features)} levels and {len(scales)} scales"
+        )
     for f in features:
         check_rois(f, rois, op)
         if f.shape[1] != features[0].shape[1] or f.dtype != features[0].dtype:
             raise ValueError(f"{op}: every feature level must have the channels and dtype of features[0]")
-    if levels.dim() != 1 or levels.shape[0] != rois.shape[0] or levels.dtype != torch.int64 or \
-            levels.device != rois.device:
-        raise ValueError(f"{op}: levels must be an int64 tensor of shape [K] on the rois' device, got "
-                         f"{levels.dtype} {list(levels.shape)} on {levels.device}")
+    if (
+        levels.dim() != 1
+        or levels.shape[0] != rois.shape[0]
+        or levels.dtype != torch.int64
+        or levels.device != rois.device
+    ):
+        raise ValueError(
+            f"{op}: levels must be an int64 tensor of shape [K] on the rois' device, got "
+            f"{levels.dtype} {list(levels.shape)} on {levels.device}"
+        )
 
 
-registry.declare(registry.OpDef("multi_scale_roi_align", reference.multi_scale_roi_align, _fake,
-                                triton="visionops.triton.roi", check=_check,
-                                backward=registry.Backward(_setup, _backward, _backward_fake)))
-
+registry.declare(
+    registry.OpDef(
+        "multi_scale_roi_align",
+        reference.multi_scale_roi_align,
+        _fake,
+        triton="visionops.triton.roi",
+        check=_check,
+        backward=registry.Backward(_setup, _backward, _backward_fake),
+    )
+)

@@ -13,6 +13,7 @@ Differences from torchvision, all deliberate:
 * NaN/infinite/inverted boxes are defined: a sample at a NaN coordinate, or in a RoI whose adaptive grid is not
   finite, contributes nothing (RoIAlign); a RoI with a NaN coordinate gives empty bins (RoIPool: 0).
 """
+
 from typing import List, Union
 
 import torch
@@ -25,6 +26,7 @@ from visionops.ops._checks import check_int, check_number, check_pair, check_ten
 __all__ = ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]
 
 BoxesType = Union[Tensor, List[Tensor]]
+
 
 def convert_boxes_to_roi_format(boxes: List[Tensor]) -> Tensor:
     """List of Tensor[L_i, 4] (one per image) -> Tensor[sum L_i, 5] with the image index in column 0."""
@@ -46,7 +48,9 @@ def check_rois(input: Tensor, boxes: BoxesType, op: str = "roi") -> Tensor:
             if b.dim() != 2 or b.shape[1] != 4:
                 raise ValueError(f"{op}: boxes[{i}] must have shape [L, 4], got {list(b.shape)}")
             if b.device != input.device:
-                raise ValueError(f"{op}: boxes[{i}] is on {b.device} but input is on {input.device}; they must be on the same device")
+                raise ValueError(
+                    f"{op}: boxes[{i}] is on {b.device} but input is on {input.device}; they must be on the same device"
+                )
         if len(boxes) == 0:
             return input.new_zeros(0, 5)
         return convert_boxes_to_roi_format(boxes)
@@ -56,12 +60,22 @@ def check_rois(input: Tensor, boxes: BoxesType, op: str = "roi") -> Tensor:
     if boxes.dim() != 2 or boxes.shape[1] != 5:
         raise ValueError(f"{op}: boxes must have shape [K, 5] (batch index, x1, y1, x2, y2), got {list(boxes.shape)}")
     if boxes.device != input.device:
-        raise ValueError(f"{op}: boxes is on {boxes.device} but input is on {input.device}; they must be on the same device")
+        raise ValueError(
+            f"{op}: boxes is on {boxes.device} but input is on {input.device}; they must be on the same device"
+        )
     return boxes
 
 
-def roi_align(input: Tensor, boxes: BoxesType, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
-              aligned: bool = False, *, backend: str = "auto") -> Tensor:
+def roi_align(
+    input: Tensor,
+    boxes: BoxesType,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    *,
+    backend: str = "auto",
+) -> Tensor:
     """RoIAlign (Mask R-CNN), as ``torchvision.ops.roi_align``.
 
     Args:
@@ -84,8 +98,9 @@ def roi_align(input: Tensor, boxes: BoxesType, output_size, spatial_scale: float
     return registry.dispatch("roi_align", backend, input.device)(input, rois, scale, ph, pw, sr, aligned)
 
 
-def roi_pool(input: Tensor, boxes: BoxesType, output_size, spatial_scale: float = 1.0, *,
-             backend: str = "auto") -> Tensor:
+def roi_pool(
+    input: Tensor, boxes: BoxesType, output_size, spatial_scale: float = 1.0, *, backend: str = "auto"
+) -> Tensor:
     """RoIPool (Fast R-CNN), as ``torchvision.ops.roi_pool``.
 
     Args:
@@ -104,8 +119,9 @@ def roi_pool(input: Tensor, boxes: BoxesType, output_size, spatial_scale: float 
 class RoIAlign(nn.Module):
     """Module form of :func:`roi_align`."""
 
-    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False, *,
-                 backend: str = "auto"):
+    def __init__(
+        self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False, *, backend: str = "auto"
+    ):
         super().__init__()
         self.output_size = output_size
         self.spatial_scale = spatial_scale
@@ -114,12 +130,15 @@ class RoIAlign(nn.Module):
         self.backend = backend
 
     def forward(self, input: Tensor, rois: BoxesType) -> Tensor:
-        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
-                         backend=self.backend)
+        return roi_align(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned, backend=self.backend
+        )
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})")
+        return (
+            f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})"
+        )
 
 
 class RoIPool(nn.Module):
@@ -157,8 +176,9 @@ def _align_backward(backward_op, ctx, grad):
     return (backward_op(grad, rois, *ctx.args),) + (None,) * 6
 
 
-def _align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
-                         sampling_ratio, aligned):
+def _align_backward_fake(
+    grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio, aligned
+):
     return grad.new_empty((batch_size, channels, height, width))
 
 
@@ -177,7 +197,21 @@ def _pool_backward_fake(grad, input, rois, spatial_scale, pooled_height, pooled_
     return grad.new_empty(input.shape)
 
 
-registry.declare(registry.OpDef("roi_align", reference.roi_align, _pooled_fake, triton="visionops.triton.roi",
-                                backward=registry.Backward(_align_setup, _align_backward, _align_backward_fake)))
-registry.declare(registry.OpDef("roi_pool", reference.roi_pool, _pooled_fake, triton="visionops.triton.roi",
-                                backward=registry.Backward(_pool_setup, _pool_backward, _pool_backward_fake)))
+registry.declare(
+    registry.OpDef(
+        "roi_align",
+        reference.roi_align,
+        _pooled_fake,
+        triton="visionops.triton.roi",
+        backward=registry.Backward(_align_setup, _align_backward, _align_backward_fake),
+    )
+)
+registry.declare(
+    registry.OpDef(
+        "roi_pool",
+        reference.roi_pool,
+        _pooled_fake,
+        triton="visionops.triton.roi",
+        backward=registry.Backward(_pool_setup, _pool_backward, _pool_backward_fake),
+    )
+)

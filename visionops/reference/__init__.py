@@ -1,8 +1,21 @@
 """Pure-PyTorch implementations: the documented math, the test oracle and the fallback backend."""
+
 from visionops.reference.anchors import cell_anchors, grid_anchors, grid_anchors_op
 from visionops.reference.box_coder import decode_boxes, encode_boxes, filter_boxes
 from visionops.reference.nms import batched_nms, box_iou, nms
 from visionops.reference.roi import multi_scale_roi_align, roi_align, roi_pool
 
-__all__ = ["nms", "batched_nms", "box_iou", "roi_align", "roi_pool", "multi_scale_roi_align", "cell_anchors", "grid_anchors", "grid_anchors_op", "decode_boxes",
-           "encode_boxes", "filter_boxes"]
+__all__ = [
+    "nms",
+    "batched_nms",
+    "box_iou",
+    "roi_align",
+    "roi_pool",
+    "multi_scale_roi_align",
+    "cell_anchors",
+    "grid_anchors",
+    "grid_anchors_op",
+    "decode_boxes",
+    "encode_boxes",
+    "filter_boxes",
+]

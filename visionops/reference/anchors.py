@@ -14,6 +14,7 @@ Grid anchors of level l with grid (H, W), stride (sh, sw) and offset o, in the o
 The compute dtype is float32 for float16/bfloat16/float32 cells and float64 for float64; the result is cast to the
 cells' dtype.
 """
+
 from typing import List, Sequence, Tuple
 
 import torch
@@ -24,8 +25,13 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], rounded: bool = True,
-                 dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+def cell_anchors(
+    sizes: Sequence[float],
+    aspect_ratios: Sequence[float],
+    rounded: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> Tensor:
     scales = torch.as_tensor(sizes, dtype=torch.float32, device=device)
     ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32, device=device)
     h_ratios = torch.sqrt(ratios)
@@ -36,8 +42,12 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], rounded
     return (base.round() if rounded else base).to(dtype)
 
 
-def grid_anchors(feature_sizes: Sequence[Tuple[int, int]], strides: Sequence[Tuple[float, float]],
-                 cell_anchors: Sequence[Tensor], offset: float = 0.0) -> Tensor:
+def grid_anchors(
+    feature_sizes: Sequence[Tuple[int, int]],
+    strides: Sequence[Tuple[float, float]],
+    cell_anchors: Sequence[Tensor],
+    offset: float = 0.0,
+) -> Tensor:
     out: List[Tensor] = []
     dtype = cell_anchors[0].dtype if len(cell_anchors) else torch.float32
     device = cell_anchors[0].device if len(cell_anchors) else None
@@ -53,14 +63,22 @@ def grid_anchors(feature_sizes: Sequence[Tuple[int, int]], strides: Sequence[Tup
     return torch.cat(out).to(dtype)
 
 
-def grid_anchors_op(cell_anchors: Tensor, num_cell_anchors: List[int], grid_sizes: List[int], strides: List[float],
-                    offset: float, num_images: int, dtype: torch.dtype) -> Tensor:
+def grid_anchors_op(
+    cell_anchors: Tensor,
+    num_cell_anchors: List[int],
+    grid_sizes: List[int],
+    strides: List[float],
+    offset: float,
+    num_images: int,
+    dtype: torch.dtype,
+) -> Tensor:
     """``visionops::grid_anchors``'s schema: the levels' cells concatenated, (H, W) and (sh, sw) flattened per level,
     the same anchors for each of ``num_images`` images: Tensor[num_images, total, 4] of ``dtype``."""
     levels, start = [], 0
     for a in num_cell_anchors:
-        levels.append(cell_anchors[start:start + a])
+        levels.append(cell_anchors[start : start + a])
         start += a
-    one = grid_anchors(list(zip(grid_sizes[0::2], grid_sizes[1::2])), list(zip(strides[0::2], strides[1::2])), levels,
-                       offset).to(dtype)
+    one = grid_anchors(
+        list(zip(grid_sizes[0::2], grid_sizes[1::2])), list(zip(strides[0::2], strides[1::2])), levels, offset
+    ).to(dtype)
     return one.unsqueeze(0).repeat(num_images, 1, 1)

@@ -14,6 +14,7 @@ Encode reference box g against proposal e::
 
 Computed in float32 for float16/bfloat16 inputs (torchvision computes in the input dtype), float64 stays float64.
 """
+
 from typing import Optional, Sequence
 
 import torch
@@ -24,8 +25,13 @@ def _opmath(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def decode_boxes(deltas: Tensor, anchors: Tensor, weights: Sequence[float], bbox_xform_clip: float,
-                 image_size: Optional[Sequence[float]] = None) -> Tensor:
+def decode_boxes(
+    deltas: Tensor,
+    anchors: Tensor,
+    weights: Sequence[float],
+    bbox_xform_clip: float,
+    image_size: Optional[Sequence[float]] = None,
+) -> Tensor:
     """image_size: (H, W) to clip to, or None / [] (the op's schema) for no clipping."""
     d, a = _opmath(deltas), _opmath(anchors)
     wx, wy, ww, wh = weights

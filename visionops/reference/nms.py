@@ -8,6 +8,7 @@ IoU of boxes a, b given as (x1, y1, x2, y2), evaluated in float32 for half input
 Greedy NMS visits boxes by decreasing score (stable for ties) and drops a box when its IoU with an already kept
 box is > iou_threshold (compared in float64, as torchvision's CPU kernel compares with a double threshold).
 """
+
 import torch
 from torch import Tensor
 

@@ -20,6 +20,7 @@ RoIPool::
     out = 0 for an empty bin (or a RoI with a NaN coordinate), else max(-FLT_MAX, values), NaN values ignored;
     the gradient goes to the first cell (row-major) holding a strictly larger value than all before it.
 """
+
 import math
 from typing import Callable, List
 
@@ -71,8 +72,15 @@ def _axis_taps(v: Tensor, size: int):
     return lo, hi, 1 - w_hi, w_hi, valid
 
 
-def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-              sampling_ratio: int, aligned: bool) -> Tensor:
+def roi_align(
+    input: Tensor,
+    rois: Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
     """Tensor[N, C, H, W], Tensor[K, 5] -> Tensor[K, C, pooled_height, pooled_width] (input's dtype)."""
     x = _opmath(input)
     r = rois.detach().to(x.dtype)
@@ -115,9 +123,18 @@ def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: 
     return torch.stack(outs).to(input.dtype)
 
 
-def multi_scale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, scales: List[float],
-                          pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool, *,
-                          per_level: Callable = roi_align) -> Tensor:
+def multi_scale_roi_align(
+    features: List[Tensor],
+    rois: Tensor,
+    levels: Tensor,
+    scales: List[float],
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+    *,
+    per_level: Callable = roi_align,
+) -> Tensor:
     """RoI k pooled from ``features[levels[k]]`` at ``scales[levels[k]]``: torchvision's loop over the levels, each
     level's RoIs through ``per_level`` (a roi_align with the schema's signature)."""
     result = features[0].new_zeros((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
@@ -141,6 +158,7 @@ def roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: i
             outs.append(x.new_zeros(C, pooled_height, pooled_width) + 0 * x[b].sum())
             continue
         lim = float(1 << 40)
+
         # C's round(): halves away from zero (torch.round rounds them to even)
         def cround(v):
             a = abs(float(v))

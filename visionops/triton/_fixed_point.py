@@ -9,6 +9,7 @@ sync), so no sum can overflow, and one fixed-point unit is under 2^-61 of max|gr
 contributions (NaN, +inf, -inf) set bits in an int32 flag word per cell and are restored by `finish` as a float sum
 would have them. Memory: 8 + 4 bytes per gradient element.
 """
+
 import torch
 import triton
 import triton.language as tl

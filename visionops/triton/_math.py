@@ -1,4 +1,5 @@
 """Arithmetic helpers shared by the Triton kernels."""
+
 import triton
 import triton.language as tl
 

@@ -4,6 +4,7 @@ One launch covers every level: each program takes BLOCK anchors of the first ima
 level table, and stores the anchors to every image. Computed in float32 (float64 for float64 output, as the C++
 kernels), rounded once to the output dtype.
 """
+
 from typing import List
 
 import torch
@@ -15,8 +16,18 @@ from visionops import _registry as registry
 
 
 @triton.jit
-def _grid_anchors_kernel(cells_ptr, meta_ptr, strides_ptr, out_ptr, num_levels, total, num_images, offset,
-                         F64: tl.constexpr, BLOCK: tl.constexpr):
+def _grid_anchors_kernel(
+    cells_ptr,
+    meta_ptr,
+    strides_ptr,
+    out_ptr,
+    num_levels,
+    total,
+    num_images,
+    offset,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # meta: per level (start, width, cell_start, num_cells) as int64; strides: per level (sh, sw) as float64.
     pid = tl.program_id(0)
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -61,13 +72,22 @@ _BLOCK = 256
 
 
 @registry.triton_op("grid_anchors")
-def triton_grid_anchors(cell_anchors: Tensor, num_cell_anchors: List[int], grid_sizes: List[int],
-                        strides: List[float], offset: float, num_images: int, dtype: torch.dtype) -> Tensor:
+def triton_grid_anchors(
+    cell_anchors: Tensor,
+    num_cell_anchors: List[int],
+    grid_sizes: List[int],
+    strides: List[float],
+    offset: float,
+    num_images: int,
+    dtype: torch.dtype,
+) -> Tensor:
     """Same contract as ``torch.ops.visionops.grid_anchors`` (see csrc/ops/anchors.cpp)."""
     want = torch.float64 if dtype == torch.float64 else torch.float32
     torch._check(cell_anchors.dtype == want, lambda: f"cell_anchors must be {want} for dtype {dtype}")
-    torch._check(len(grid_sizes) == 2 * len(num_cell_anchors) == len(strides),
-                 lambda: "grid_sizes and strides need 2 entries per level")
+    torch._check(
+        len(grid_sizes) == 2 * len(num_cell_anchors) == len(strides),
+        lambda: "grid_sizes and strides need 2 entries per level",
+    )
     meta, start, cell_start = [], 0, 0
     for l, a in enumerate(num_cell_anchors):
         h, w = grid_sizes[2 * l], grid_sizes[2 * l + 1]
@@ -82,15 +102,37 @@ def triton_grid_anchors(cell_anchors: Tensor, num_cell_anchors: List[int], grid_
     meta_t = torch.tensor(meta, dtype=torch.int64).to(dev)
     strides_t = torch.tensor(strides, dtype=torch.float64).to(dev)
     grid = (triton.cdiv(start, _BLOCK),)
-    _grid_anchors_kernel[grid](cell_anchors.contiguous(), meta_t, strides_t, out, len(num_cell_anchors), start,
-                               num_images, float(offset), F64=dtype == torch.float64, BLOCK=_BLOCK)
+    _grid_anchors_kernel[grid](
+        cell_anchors.contiguous(),
+        meta_t,
+        strides_t,
+        out,
+        len(num_cell_anchors),
+        start,
+        num_images,
+        float(offset),
+        F64=dtype == torch.float64,
+        BLOCK=_BLOCK,
+    )
     return out
 
 
 def compile_specs():
     """(kernel, signature, constexprs) of each kernel, for an ahead-of-time compile check (sm_90)."""
-    sig = {"cells_ptr": "*fp32", "meta_ptr": "*i64", "strides_ptr": "*fp64", "out_ptr": "*fp32", "num_levels": "i32",
-           "total": "i64", "num_images": "i32", "offset": "fp32", "F64": "constexpr", "BLOCK": "constexpr"}
+    sig = {
+        "cells_ptr": "*fp32",
+        "meta_ptr": "*i64",
+        "strides_ptr": "*fp64",
+        "out_ptr": "*fp32",
+        "num_levels": "i32",
+        "total": "i64",
+        "num_images": "i32",
+        "offset": "fp32",
+        "F64": "constexpr",
+        "BLOCK": "constexpr",
+    }
     half = dict(sig, out_ptr="*fp16")
-    return [(_grid_anchors_kernel, sig, {"F64": False, "BLOCK": _BLOCK}),
-            (_grid_anchors_kernel, half, {"F64": False, "BLOCK": _BLOCK})]
+    return [
+        (_grid_anchors_kernel, sig, {"F64": False, "BLOCK": _BLOCK}),
+        (_grid_anchors_kernel, half, {"F64": False, "BLOCK": _BLOCK}),
+    ]

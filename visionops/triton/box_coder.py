@@ -4,6 +4,7 @@
 
 Computed in float32 (float64 for float64 inputs, so that gradcheck holds), rounded once to the input dtype.
 """
+
 from typing import List, Tuple
 
 import torch
@@ -28,8 +29,23 @@ def _load4(ptr, base, mask, F64: tl.constexpr):
 
 
 @triton.jit
-def _decode_boxes_kernel(d_ptr, a_ptr, out_ptr, total, k, wx, wy, ww, wh, clip, img_h, img_w,
-                         CLIP_IMAGE: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+def _decode_boxes_kernel(
+    d_ptr,
+    a_ptr,
+    out_ptr,
+    total,
+    k,
+    wx,
+    wy,
+    ww,
+    wh,
+    clip,
+    img_h,
+    img_w,
+    CLIP_IMAGE: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = idx < total
     ax1, ay1, ax2, ay2 = _load4(a_ptr, 4 * (idx // k), valid, F64)
@@ -64,8 +80,25 @@ def _decode_boxes_kernel(d_ptr, a_ptr, out_ptr, total, k, wx, wy, ww, wh, clip, 
 
 
 @triton.jit
-def _decode_boxes_backward_kernel(g_ptr, d_ptr, a_ptr, gd_ptr, ga_ptr, n, k, wx, wy, ww, wh, clip, img_h, img_w,
-                                  CLIP_IMAGE: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+def _decode_boxes_backward_kernel(
+    g_ptr,
+    d_ptr,
+    a_ptr,
+    gd_ptr,
+    ga_ptr,
+    n,
+    k,
+    wx,
+    wy,
+    ww,
+    wh,
+    clip,
+    img_h,
+    img_w,
+    CLIP_IMAGE: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # One lane per anchor, looping over its K deltas: the anchor gradient is a plain sum (no atomics).
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = i < n
@@ -162,12 +195,15 @@ def _grid(n):
 
 
 @registry.triton_op("decode_boxes")
-def triton_decode_boxes(deltas: Tensor, anchors: Tensor, weights: List[float], bbox_xform_clip: float,
-                        image_size: List[float]) -> Tensor:
+def triton_decode_boxes(
+    deltas: Tensor, anchors: Tensor, weights: List[float], bbox_xform_clip: float, image_size: List[float]
+) -> Tensor:
     """Same contract as ``torch.ops.visionops.decode_boxes``."""
     torch._check(deltas.dim() == 2 and deltas.shape[1] % 4 == 0, lambda: "deltas must have shape [N, 4*K]")
-    torch._check(anchors.shape == (deltas.shape[0], 4) and anchors.dtype == deltas.dtype,
-                 lambda: "anchors must have shape [N, 4] and the dtype of deltas")
+    torch._check(
+        anchors.shape == (deltas.shape[0], 4) and anchors.dtype == deltas.dtype,
+        lambda: "anchors must have shape [N, 4] and the dtype of deltas",
+    )
     d, a = deltas.contiguous(), anchors.contiguous()
     out = torch.empty_like(d)
     if out.numel() == 0:
@@ -175,14 +211,27 @@ def triton_decode_boxes(deltas: Tensor, anchors: Tensor, weights: List[float], b
     n, k = d.shape[0], d.shape[1] // 4
     clip_img = len(image_size) == 2
     h, w = (float(image_size[0]), float(image_size[1])) if clip_img else (0.0, 0.0)
-    _decode_boxes_kernel[_grid(n * k)](d, a, out, n * k, k, *map(float, weights), float(bbox_xform_clip), h, w,
-                                       CLIP_IMAGE=clip_img, F64=d.dtype == torch.float64, BLOCK=_BLOCK)
+    _decode_boxes_kernel[_grid(n * k)](
+        d,
+        a,
+        out,
+        n * k,
+        k,
+        *map(float, weights),
+        float(bbox_xform_clip),
+        h,
+        w,
+        CLIP_IMAGE=clip_img,
+        F64=d.dtype == torch.float64,
+        BLOCK=_BLOCK,
+    )
     return out
 
 
 @registry.triton_op("decode_boxes", backward=True)
-def triton_decode_boxes_backward(grad: Tensor, deltas: Tensor, anchors: Tensor, weights: List[float],
-                                 bbox_xform_clip: float, image_size: List[float]) -> Tuple[Tensor, Tensor]:
+def triton_decode_boxes_backward(
+    grad: Tensor, deltas: Tensor, anchors: Tensor, weights: List[float], bbox_xform_clip: float, image_size: List[float]
+) -> Tuple[Tensor, Tensor]:
     g, d, a = grad.contiguous().to(deltas.dtype), deltas.contiguous(), anchors.contiguous()
     gd, ga = torch.empty_like(d), torch.empty_like(a)
     if d.numel() == 0:
@@ -190,22 +239,39 @@ def triton_decode_boxes_backward(grad: Tensor, deltas: Tensor, anchors: Tensor, 
     n, k = d.shape[0], d.shape[1] // 4
     clip_img = len(image_size) == 2
     h, w = (float(image_size[0]), float(image_size[1])) if clip_img else (0.0, 0.0)
-    _decode_boxes_backward_kernel[_grid(n)](g, d, a, gd, ga, n, k, *map(float, weights), float(bbox_xform_clip), h,
-                                            w, CLIP_IMAGE=clip_img, F64=d.dtype == torch.float64, BLOCK=_BLOCK)
+    _decode_boxes_backward_kernel[_grid(n)](
+        g,
+        d,
+        a,
+        gd,
+        ga,
+        n,
+        k,
+        *map(float, weights),
+        float(bbox_xform_clip),
+        h,
+        w,
+        CLIP_IMAGE=clip_img,
+        F64=d.dtype == torch.float64,
+        BLOCK=_BLOCK,
+    )
     return gd, ga
 
 
 @registry.triton_op("encode_boxes")
 def triton_encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: List[float]) -> Tensor:
     """Same contract as ``torch.ops.visionops.encode_boxes``."""
-    torch._check(reference_boxes.shape == proposals.shape and reference_boxes.dtype == proposals.dtype,
-                 lambda: "reference_boxes and proposals must have one shape [N, 4] and one dtype")
+    torch._check(
+        reference_boxes.shape == proposals.shape and reference_boxes.dtype == proposals.dtype,
+        lambda: "reference_boxes and proposals must have one shape [N, 4] and one dtype",
+    )
     r, q = reference_boxes.contiguous(), proposals.contiguous()
     out = torch.empty_like(r)
     if out.numel() == 0:
         return out
-    _encode_boxes_kernel[_grid(r.shape[0])](r, q, out, r.shape[0], *map(float, weights),
-                                            F64=r.dtype == torch.float64, BLOCK=_BLOCK)
+    _encode_boxes_kernel[_grid(r.shape[0])](
+        r, q, out, r.shape[0], *map(float, weights), F64=r.dtype == torch.float64, BLOCK=_BLOCK
+    )
     return out
 
 
@@ -227,16 +293,55 @@ def triton_filter_boxes(boxes: Tensor, scores: Tensor, score_threshold: float, m
 def compile_specs():
     """(kernel, signature, constexprs) of each kernel, for an ahead-of-time compile check (sm_90)."""
     f = {"wx": "fp32", "wy": "fp32", "ww": "fp32", "wh": "fp32"}
-    dec = {"d_ptr": "*fp32", "a_ptr": "*fp32", "out_ptr": "*fp32", "total": "i64", "k": "i64", **f, "clip": "fp32",
-           "img_h": "fp32", "img_w": "fp32", "CLIP_IMAGE": "constexpr", "F64": "constexpr", "BLOCK": "constexpr"}
+    dec = {
+        "d_ptr": "*fp32",
+        "a_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        "total": "i64",
+        "k": "i64",
+        **f,
+        "clip": "fp32",
+        "img_h": "fp32",
+        "img_w": "fp32",
+        "CLIP_IMAGE": "constexpr",
+        "F64": "constexpr",
+        "BLOCK": "constexpr",
+    }
     dec_half = dict(dec, d_ptr="*fp16", a_ptr="*fp16", out_ptr="*fp16")
-    bwd = {"g_ptr": "*fp32", "d_ptr": "*fp32", "a_ptr": "*fp32", "gd_ptr": "*fp32", "ga_ptr": "*fp32", "n": "i64",
-           "k": "i64", **f, "clip": "fp32", "img_h": "fp32", "img_w": "fp32", "CLIP_IMAGE": "constexpr",
-           "F64": "constexpr", "BLOCK": "constexpr"}
-    enc = {"r_ptr": "*fp32", "q_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64", **f, "F64": "constexpr",
-           "BLOCK": "constexpr"}
-    flt = {"b_ptr": "*fp32", "s_ptr": "*fp32", "keep_ptr": "*i8", "n": "i64", "thr": "fp32", "min_size": "fp32",
-           "BLOCK": "constexpr"}
+    bwd = {
+        "g_ptr": "*fp32",
+        "d_ptr": "*fp32",
+        "a_ptr": "*fp32",
+        "gd_ptr": "*fp32",
+        "ga_ptr": "*fp32",
+        "n": "i64",
+        "k": "i64",
+        **f,
+        "clip": "fp32",
+        "img_h": "fp32",
+        "img_w": "fp32",
+        "CLIP_IMAGE": "constexpr",
+        "F64": "constexpr",
+        "BLOCK": "constexpr",
+    }
+    enc = {
+        "r_ptr": "*fp32",
+        "q_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        "n": "i64",
+        **f,
+        "F64": "constexpr",
+        "BLOCK": "constexpr",
+    }
+    flt = {
+        "b_ptr": "*fp32",
+        "s_ptr": "*fp32",
+        "keep_ptr": "*i8",
+        "n": "i64",
+        "thr": "fp32",
+        "min_size": "fp32",
+        "BLOCK": "constexpr",
+    }
     return [
         (_decode_boxes_kernel, dec, {"CLIP_IMAGE": False, "F64": False, "BLOCK": _BLOCK}),
         (_decode_boxes_kernel, dec_half, {"CLIP_IMAGE": True, "F64": False, "BLOCK": _BLOCK}),

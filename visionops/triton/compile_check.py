@@ -3,6 +3,7 @@
 The interpreter (TRITON_INTERPRET=1) accepts kernels that real compilation rejects, so CI runs this too. Each module
 in visionops/triton/ lists its kernels in `compile_specs()`. Must run with TRITON_INTERPRET unset.
 """
+
 import argparse
 import importlib
 import os
@@ -36,8 +37,9 @@ def main(argv=None) -> int:
     for name, fn, signature, constexprs in specs():
         count += 1
         try:
-            kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                    target=GPUTarget("cuda", args.arch, 32))
+            kernel = triton.compile(
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", args.arch, 32)
+            )
             ok = len(kernel.asm["cubin"]) > 0 and f".target sm_{args.arch}" in kernel.asm["ptx"]
             print(f"{'ok  ' if ok else 'FAIL'} {name} {signature if not ok else ''}")
             failures += not ok

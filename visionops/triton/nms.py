@@ -5,6 +5,7 @@ Same algorithm and mask layout as csrc/ops/cuda/nms_kernel.cu (see its header): 
 visionops/reference/nms.py's, evaluated in the boxes' float type (float32 for half inputs) without FMA contraction
 and compared with the threshold in float64, so the result matches the C++ kernels bit for bit.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -43,8 +44,7 @@ def _iou(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2):
 
 
 @triton.jit
-def nms_mask_kernel(boxes_ptr, cls_ptr, band_ptr, thr_ptr, mask_ptr, n, W, HAS_CLS: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def nms_mask_kernel(boxes_ptr, cls_ptr, band_ptr, thr_ptr, mask_ptr, n, W, HAS_CLS: tl.constexpr, BLOCK: tl.constexpr):
     rb = tl.program_id(0)
     w = tl.program_id(1)
     if w < tl.load(band_ptr + rb):
@@ -74,8 +74,9 @@ def nms_mask_kernel(boxes_ptr, cls_ptr, band_ptr, thr_ptr, mask_ptr, n, W, HAS_C
 
 
 @triton.jit
-def nms_gather_kernel(mask_ptr, band_ptr, rank_ptr, removed_ptr, keep_ptr, n, W, col_blocks, BLOCK: tl.constexpr,
-                      WORDS: tl.constexpr):
+def nms_gather_kernel(
+    mask_ptr, band_ptr, rank_ptr, removed_ptr, keep_ptr, n, W, col_blocks, BLOCK: tl.constexpr, WORDS: tl.constexpr
+):
     k_ar = tl.arange(0, BLOCK)
     w_ar = tl.arange(0, WORDS)
     for rb in range(0, col_blocks):
@@ -128,12 +129,14 @@ def _nms(boxes: Tensor, scores: Tensor, idxs, iou_threshold: float) -> Tensor:
     sorted_boxes = boxes[sorted_order].to(ftype).contiguous()
     thr = torch.tensor([iou_threshold], dtype=torch.float64, device=boxes.device)
     mask = torch.empty((n, W), dtype=torch.int64, device=boxes.device)
-    nms_mask_kernel[(col_blocks, W)](sorted_boxes, cls, band, thr, mask, n, W, HAS_CLS=idxs is not None,
-                                    BLOCK=BLOCK, enable_fp_fusion=False)
+    nms_mask_kernel[(col_blocks, W)](
+        sorted_boxes, cls, band, thr, mask, n, W, HAS_CLS=idxs is not None, BLOCK=BLOCK, enable_fp_fusion=False
+    )
     removed = torch.zeros(col_blocks, dtype=torch.int64, device=boxes.device)
     keep = torch.zeros(n, dtype=torch.int8, device=boxes.device)
-    nms_gather_kernel[(1,)](mask, band, rank.contiguous(), removed, keep, n, W, col_blocks, BLOCK=BLOCK,
-                            WORDS=GATHER_WORDS)
+    nms_gather_kernel[(1,)](
+        mask, band, rank.contiguous(), removed, keep, n, W, col_blocks, BLOCK=BLOCK, WORDS=GATHER_WORDS
+    )
     return order[keep.bool()]
 
 
@@ -168,8 +171,9 @@ def box_iou_kernel(a_ptr, b_ptr, out_ptr, n, m, BM: tl.constexpr, BN: tl.constex
     cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     ax1, ay1, ax2, ay2 = _load_box(a_ptr, rows, rows < n)
     bx1, by1, bx2, by2 = _load_box(b_ptr, cols, cols < m)
-    iou = _iou(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None], bx1[None, :], by1[None, :], bx2[None, :],
-               by2[None, :])
+    iou = _iou(
+        ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None], bx1[None, :], by1[None, :], bx2[None, :], by2[None, :]
+    )
     out_mask = (rows < n)[:, None] & (cols < m)[None, :]
     tl.store(out_ptr + rows[:, None] * m + cols[None, :], iou.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -213,8 +217,9 @@ def _iou_grads(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, g):
 
 
 @triton.jit
-def box_iou_backward_kernel(grad_ptr, own_ptr, other_ptr, out_ptr, n, m, OWN_IS_FIRST: tl.constexpr,
-                            BM: tl.constexpr, BN: tl.constexpr):
+def box_iou_backward_kernel(
+    grad_ptr, own_ptr, other_ptr, out_ptr, n, m, OWN_IS_FIRST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr
+):
     """Gradient for a block of `own` boxes, summed over all `other` boxes (each program owns its rows)."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     rmask = rows < n
@@ -273,14 +278,49 @@ def triton_box_iou_backward(grad: Tensor, boxes1: Tensor, boxes2: Tensor) -> tup
 
 def compile_specs():
     """(kernel, signature, constexprs) of every kernel here, for the sm_90 compile check in CI."""
-    f32 = {"boxes_ptr": "*fp32", "cls_ptr": "*i64", "band_ptr": "*i64", "thr_ptr": "*fp64", "mask_ptr": "*i64",
-           "n": "i32", "W": "i32", "HAS_CLS": "constexpr", "BLOCK": "constexpr"}
-    gather = {"mask_ptr": "*i64", "band_ptr": "*i64", "rank_ptr": "*i64", "removed_ptr": "*i64", "keep_ptr": "*i8",
-              "n": "i32", "W": "i32", "col_blocks": "i32", "BLOCK": "constexpr", "WORDS": "constexpr"}
-    iou = {"a_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "m": "i32", "BM": "constexpr",
-           "BN": "constexpr"}
-    bwd = {"grad_ptr": "*fp32", "own_ptr": "*fp32", "other_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "m": "i32",
-           "OWN_IS_FIRST": "constexpr", "BM": "constexpr", "BN": "constexpr"}
+    f32 = {
+        "boxes_ptr": "*fp32",
+        "cls_ptr": "*i64",
+        "band_ptr": "*i64",
+        "thr_ptr": "*fp64",
+        "mask_ptr": "*i64",
+        "n": "i32",
+        "W": "i32",
+        "HAS_CLS": "constexpr",
+        "BLOCK": "constexpr",
+    }
+    gather = {
+        "mask_ptr": "*i64",
+        "band_ptr": "*i64",
+        "rank_ptr": "*i64",
+        "removed_ptr": "*i64",
+        "keep_ptr": "*i8",
+        "n": "i32",
+        "W": "i32",
+        "col_blocks": "i32",
+        "BLOCK": "constexpr",
+        "WORDS": "constexpr",
+    }
+    iou = {
+        "a_ptr": "*fp32",
+        "b_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        "n": "i32",
+        "m": "i32",
+        "BM": "constexpr",
+        "BN": "constexpr",
+    }
+    bwd = {
+        "grad_ptr": "*fp32",
+        "own_ptr": "*fp32",
+        "other_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        "n": "i32",
+        "m": "i32",
+        "OWN_IS_FIRST": "constexpr",
+        "BM": "constexpr",
+        "BN": "constexpr",
+    }
     return [
         (nms_mask_kernel, f32, {"HAS_CLS": 1, "BLOCK": BLOCK}),
         (nms_mask_kernel, {**f32, "boxes_ptr": "*fp64"}, {"HAS_CLS": 0, "BLOCK": BLOCK}),
@@ -289,6 +329,9 @@ def compile_specs():
         (box_iou_kernel, {**iou, "a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"}, {"BM": BM, "BN": BN}),
         (box_iou_backward_kernel, bwd, {"OWN_IS_FIRST": 1, "BM": BM, "BN": BN}),
         (box_iou_backward_kernel, bwd, {"OWN_IS_FIRST": 0, "BM": BM, "BN": BN}),
-        (box_iou_backward_kernel, {k: v.replace("fp32", "fp64") for k, v in bwd.items()},
-         {"OWN_IS_FIRST": 1, "BM": BM, "BN": BN}),
+        (
+            box_iou_backward_kernel,
+            {k: v.replace("fp32", "fp64") for k, v in bwd.items()},
+            {"OWN_IS_FIRST": 1, "BM": BM, "BN": BN},
+        ),
     ]

@@ -15,6 +15,7 @@ is out of range yields zeros and no gradient (checking it would need a device sy
 RoIPool keeps no argmax: the backward finds each bin's maximum again with the forward's rule (first strict maximum,
 NaN never wins), as the C++ kernels do.
 """
+
 from typing import List, Optional, Sequence
 
 import torch
@@ -97,8 +98,19 @@ def _sample_axis(start, bin_, p, i, grid, size):
 
 
 @triton.jit
-def _roi_align_fwd_kernel(levels, rois_ptr, lvl_ptr, out_ptr, C, PH, PW, sampling_ratio, NL: tl.constexpr,
-                          ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
+def _roi_align_fwd_kernel(
+    levels,
+    rois_ptr,
+    lvl_ptr,
+    out_ptr,
+    C,
+    PH,
+    PW,
+    sampling_ratio,
+    NL: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """levels: (x_ptr, B, H, W, sxb, sxc, sxh, sxw, spatial_scale), each an NL-tuple; lvl_ptr: RoI levels or None."""
     k, ph, pw, cs, cmask = _program_bin(C, PH, PW, BLOCK_C)
     l = 0 if lvl_ptr is None else tl.load(lvl_ptr + k)
@@ -123,9 +135,25 @@ def _roi_align_fwd_kernel(levels, rois_ptr, lvl_ptr, out_ptr, C, PH, PW, samplin
 
 
 @triton.jit
-def _roi_align_bwd_kernel(g_ptr, sgk, sgc, sgh, sgw, levels, rois_ptr, lvl_ptr, scale_ptr, C, PH, PW,
-                          sampling_ratio, NL: tl.constexpr, ALIGNED: tl.constexpr, DETERMINISTIC: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+def _roi_align_bwd_kernel(
+    g_ptr,
+    sgk,
+    sgc,
+    sgh,
+    sgw,
+    levels,
+    rois_ptr,
+    lvl_ptr,
+    scale_ptr,
+    C,
+    PH,
+    PW,
+    sampling_ratio,
+    NL: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """levels: (gin_ptr, flags_ptr, B, H, W, spatial_scale), each an NL-tuple; gin is a contiguous [B, C, H, W]
     float32 buffer, or the fixed-point sums with their flags when DETERMINISTIC (see _fixed_point.scatter_add)."""
     k, ph, pw, cs, cmask = _program_bin(C, PH, PW, BLOCK_C)
@@ -143,14 +171,10 @@ def _roi_align_bwd_kernel(g_ptr, sgk, sgc, sgh, sgw, levels, rois_ptr, lvl_ptr, 
         for ix in range(0, gw):
             xlo, xhi, hx, lx, vx = _sample_axis(sw, bw, pw, ix, gw, W)
             m = tl.where(vy & vx & ok, cmask, False)  # (block & scalar mask trips the interpreter)
-            scatter_add(gin_ptr, flags_ptr, base + ylo * W + xlo, div_rn(g * (hy * hx), count), m, scale,
-                        DETERMINISTIC)
-            scatter_add(gin_ptr, flags_ptr, base + ylo * W + xhi, div_rn(g * (hy * lx), count), m, scale,
-                        DETERMINISTIC)
-            scatter_add(gin_ptr, flags_ptr, base + yhi * W + xlo, div_rn(g * (ly * hx), count), m, scale,
-                        DETERMINISTIC)
-            scatter_add(gin_ptr, flags_ptr, base + yhi * W + xhi, div_rn(g * (ly * lx), count), m, scale,
-                        DETERMINISTIC)
+            scatter_add(gin_ptr, flags_ptr, base + ylo * W + xlo, div_rn(g * (hy * hx), count), m, scale, DETERMINISTIC)
+            scatter_add(gin_ptr, flags_ptr, base + ylo * W + xhi, div_rn(g * (hy * lx), count), m, scale, DETERMINISTIC)
+            scatter_add(gin_ptr, flags_ptr, base + yhi * W + xlo, div_rn(g * (ly * hx), count), m, scale, DETERMINISTIC)
+            scatter_add(gin_ptr, flags_ptr, base + yhi * W + xhi, div_rn(g * (ly * lx), count), m, scale, DETERMINISTIC)
 
 
 @triton.jit
@@ -202,8 +226,9 @@ def _pool_max(x_ptr, cs, cmask, sxc, sxh, sxw, h0, h1, w0, w1, W, BLOCK_C: tl.co
 
 
 @triton.jit
-def _pool_roi_bin(x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW,
-                  BLOCK_C: tl.constexpr):
+def _pool_roi_bin(
+    x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW, BLOCK_C: tl.constexpr
+):
     """(batch index or 0 when out of range, max, argmax) of bin (ph, pw) of RoI k over channels cs; an out-of-range
     batch index gives an empty bin (0, argmax -1)."""
     b, h0, h1, w0, w1 = _pool_bin(rois_ptr, k, spatial_scale, PH, PW, ph, pw, H, W)
@@ -214,24 +239,57 @@ def _pool_roi_bin(x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh,
 
 
 @triton.jit
-def _roi_pool_fwd_kernel(x_ptr, rois_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW,
-                         BLOCK_C: tl.constexpr):
+def _roi_pool_fwd_kernel(
+    x_ptr, rois_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW, BLOCK_C: tl.constexpr
+):
     k, ph, pw, cs, cmask = _program_bin(C, PH, PW, BLOCK_C)
-    bs, best, arg = _pool_roi_bin(x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh, sxw,
-                                  spatial_scale, PH, PW, BLOCK_C)
+    bs, best, arg = _pool_roi_bin(
+        x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW, BLOCK_C
+    )
     tl.store(out_ptr + ((k.to(tl.int64) * C + cs) * PH + ph) * PW + pw, best, mask=cmask)
 
 
 @triton.jit
-def _roi_pool_bwd_kernel(g_ptr, x_ptr, rois_ptr, gin_ptr, flags_ptr, scale_ptr, B, C, H, W, sxb, sxc, sxh, sxw, sgk,
-                         sgc, sgh, sgw, spatial_scale, PH, PW, DETERMINISTIC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _roi_pool_bwd_kernel(
+    g_ptr,
+    x_ptr,
+    rois_ptr,
+    gin_ptr,
+    flags_ptr,
+    scale_ptr,
+    B,
+    C,
+    H,
+    W,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    sgk,
+    sgc,
+    sgh,
+    sgw,
+    spatial_scale,
+    PH,
+    PW,
+    DETERMINISTIC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     k, ph, pw, cs, cmask = _program_bin(C, PH, PW, BLOCK_C)
-    bs, best, arg = _pool_roi_bin(x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh, sxw,
-                                  spatial_scale, PH, PW, BLOCK_C)
+    bs, best, arg = _pool_roi_bin(
+        x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW, BLOCK_C
+    )
     g = tl.load(g_ptr + k.to(tl.int64) * sgk + cs * sgc + ph * sgh + pw * sgw, mask=cmask, other=0.0)
     dst = (bs * C + cs.to(tl.int64)) * H * W + tl.maximum(arg, 0)
-    scatter_add(gin_ptr, flags_ptr, dst, g.to(tl.float32), cmask & (arg >= 0), load_scale(scale_ptr, DETERMINISTIC),
-                DETERMINISTIC)
+    scatter_add(
+        gin_ptr,
+        flags_ptr,
+        dst,
+        g.to(tl.float32),
+        cmask & (arg >= 0),
+        load_scale(scale_ptr, DETERMINISTIC),
+        DETERMINISTIC,
+    )
 
 
 # ---- launchers and custom ops ------------------------------------------
@@ -245,8 +303,16 @@ def _rois32(rois: Tensor) -> Tensor:
     return rois.to(torch.float32).contiguous()
 
 
-def align_forward(features: Sequence[Tensor], rois: Tensor, levels: Optional[Tensor], scales: Sequence[float],
-                  ph: int, pw: int, sampling_ratio: int, aligned: bool) -> Tensor:
+def align_forward(
+    features: Sequence[Tensor],
+    rois: Tensor,
+    levels: Optional[Tensor],
+    scales: Sequence[float],
+    ph: int,
+    pw: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
     """RoIAlign of each RoI from features[levels[k]] (features[0] without `levels`) in one launch."""
     f0 = features[0]
     out = f0.new_empty((rois.shape[0], f0.shape[1], ph, pw))
@@ -254,8 +320,18 @@ def align_forward(features: Sequence[Tensor], rois: Tensor, levels: Optional[Ten
         return out
     per_level = [(f, f.shape[0], f.shape[2], f.shape[3], *f.stride(), float(s)) for f, s in zip(features, scales)]
     _roi_align_fwd_kernel[_grid(rois.shape[0], ph, pw, f0.shape[1])](
-        tuple(zip(*per_level)), _rois32(rois), None if levels is None else levels.contiguous(), out, f0.shape[1],
-        ph, pw, sampling_ratio, NL=len(features), ALIGNED=bool(aligned), BLOCK_C=BLOCK_C)
+        tuple(zip(*per_level)),
+        _rois32(rois),
+        None if levels is None else levels.contiguous(),
+        out,
+        f0.shape[1],
+        ph,
+        pw,
+        sampling_ratio,
+        NL=len(features),
+        ALIGNED=bool(aligned),
+        BLOCK_C=BLOCK_C,
+    )
     return out
 
 
@@ -274,8 +350,17 @@ def _finish(dsts: List[Tensor], flags: List[Tensor], scale: Optional[Tensor], dt
     return [_fixed_point.finish(q, f, scale, dtype) for q, f in zip(dsts, flags)]
 
 
-def align_backward(grad: Tensor, rois: Tensor, levels: Optional[Tensor], scales: Sequence[float], ph: int, pw: int,
-                   shapes: Sequence[Sequence[int]], sampling_ratio: int, aligned: bool) -> List[Tensor]:
+def align_backward(
+    grad: Tensor,
+    rois: Tensor,
+    levels: Optional[Tensor],
+    scales: Sequence[float],
+    ph: int,
+    pw: int,
+    shapes: Sequence[Sequence[int]],
+    sampling_ratio: int,
+    aligned: bool,
+) -> List[Tensor]:
     """Gradient of `align_forward` for each level (shapes: [B, C, H, W] per level), in grad's dtype."""
     K, C = rois.shape[0], shapes[0][1]
     if K == 0 or grad.numel() == 0:
@@ -284,43 +369,92 @@ def align_backward(grad: Tensor, rois: Tensor, levels: Optional[Tensor], scales:
     dsts, flags, scale = _scatter_buffers(grad, shapes, K * ph * pw)
     per_level = [(d, f, s[0], s[2], s[3], float(sc)) for d, f, s, sc in zip(dsts, flags, shapes, scales)]
     _roi_align_bwd_kernel[_grid(K, ph, pw, C)](
-        grad, *grad.stride(), tuple(zip(*per_level)), _rois32(rois), None if levels is None else levels.contiguous(),
-        scale, C, ph, pw, sampling_ratio, NL=len(shapes), ALIGNED=bool(aligned), DETERMINISTIC=scale is not None,
-        BLOCK_C=BLOCK_C)
+        grad,
+        *grad.stride(),
+        tuple(zip(*per_level)),
+        _rois32(rois),
+        None if levels is None else levels.contiguous(),
+        scale,
+        C,
+        ph,
+        pw,
+        sampling_ratio,
+        NL=len(shapes),
+        ALIGNED=bool(aligned),
+        DETERMINISTIC=scale is not None,
+        BLOCK_C=BLOCK_C,
+    )
     return _finish(dsts, flags, scale, grad.dtype)
 
 
 @registry.triton_op("roi_align")
-def triton_roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-                     sampling_ratio: int, aligned: bool) -> Tensor:
+def triton_roi_align(
+    input: Tensor,
+    rois: Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
     return align_forward([input], rois, None, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned)
 
 
 @registry.triton_op("roi_align", backward=True)
-def triton_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-                              batch_size: int, channels: int, height: int, width: int, sampling_ratio: int,
-                              aligned: bool) -> Tensor:
-    return align_backward(grad, rois, None, [spatial_scale], pooled_height, pooled_width,
-                          [(batch_size, channels, height, width)], sampling_ratio, aligned)[0]
+def triton_roi_align_backward(
+    grad: Tensor,
+    rois: Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    batch_size: int,
+    channels: int,
+    height: int,
+    width: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    return align_backward(
+        grad,
+        rois,
+        None,
+        [spatial_scale],
+        pooled_height,
+        pooled_width,
+        [(batch_size, channels, height, width)],
+        sampling_ratio,
+        aligned,
+    )[0]
 
 
 @registry.triton_op("roi_pool")
-def triton_roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
-                    pooled_width: int) -> Tensor:
+def triton_roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
     B, C, H, W = input.shape
     K = rois.shape[0]
     out = input.new_empty((K, C, pooled_height, pooled_width))
     if out.numel() == 0:
         return out
     _roi_pool_fwd_kernel[_grid(K, pooled_height, pooled_width, C)](
-        input, _rois32(rois), out, B, C, H, W, *input.stride(), spatial_scale, pooled_height, pooled_width,
-        BLOCK_C=BLOCK_C)
+        input,
+        _rois32(rois),
+        out,
+        B,
+        C,
+        H,
+        W,
+        *input.stride(),
+        spatial_scale,
+        pooled_height,
+        pooled_width,
+        BLOCK_C=BLOCK_C,
+    )
     return out
 
 
 @registry.triton_op("roi_pool", backward=True)
-def triton_roi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
-                             pooled_width: int) -> Tensor:
+def triton_roi_pool_backward(
+    grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int
+) -> Tensor:
     B, C, H, W = input.shape
     K = rois.shape[0]
     if K == 0 or input.numel() == 0:
@@ -328,26 +462,57 @@ def triton_roi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_
     # Each bin sends its gradient to one cell.
     (gin,), (flags,), scale = _scatter_buffers(grad, [input.shape], K * pooled_height * pooled_width)
     _roi_pool_bwd_kernel[_grid(K, pooled_height, pooled_width, C)](
-        grad, input, _rois32(rois), gin, flags, scale, B, C, H, W, *input.stride(), *grad.stride(), spatial_scale,
-        pooled_height, pooled_width, DETERMINISTIC=scale is not None, BLOCK_C=BLOCK_C)
+        grad,
+        input,
+        _rois32(rois),
+        gin,
+        flags,
+        scale,
+        B,
+        C,
+        H,
+        W,
+        *input.stride(),
+        *grad.stride(),
+        spatial_scale,
+        pooled_height,
+        pooled_width,
+        DETERMINISTIC=scale is not None,
+        BLOCK_C=BLOCK_C,
+    )
     return _finish([gin], [flags], scale, grad.dtype)[0]
 
 
 @registry.triton_op("multi_scale_roi_align")
-def triton_multi_scale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, scales: List[float],
-                                 pooled_height: int, pooled_width: int, sampling_ratio: int,
-                                 aligned: bool) -> Tensor:
+def triton_multi_scale_roi_align(
+    features: List[Tensor],
+    rois: Tensor,
+    levels: Tensor,
+    scales: List[float],
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
     """MultiScaleRoIAlign in one launch: RoI k pooled from features[levels[k]] (a level out of range gives zeros)."""
     return align_forward(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned)
 
 
 @registry.triton_op("multi_scale_roi_align", backward=True)
-def triton_multi_scale_roi_align_backward(grad: Tensor, rois: Tensor, levels: Tensor, scales: List[float],
-                                          pooled_height: int, pooled_width: int, feature_shapes: List[int],
-                                          sampling_ratio: int, aligned: bool) -> List[Tensor]:
+def triton_multi_scale_roi_align_backward(
+    grad: Tensor,
+    rois: Tensor,
+    levels: Tensor,
+    scales: List[float],
+    pooled_height: int,
+    pooled_width: int,
+    feature_shapes: List[int],
+    sampling_ratio: int,
+    aligned: bool,
+) -> List[Tensor]:
     """Every level's gradient in one launch (feature_shapes: [B, C, H, W] of every level, concatenated). Each level
     gets its own buffer rather than a view of one flat buffer: a custom op's outputs may not alias each other."""
-    shapes = [feature_shapes[i:i + 4] for i in range(0, len(feature_shapes), 4)]
+    shapes = [feature_shapes[i : i + 4] for i in range(0, len(feature_shapes), 4)]
     if list(grad.shape) != [rois.shape[0], shapes[0][1], pooled_height, pooled_width]:
         raise ValueError(f"multi_scale_roi_align backward: grad must have shape [K, C, PH, PW], got {list(grad.shape)}")
     return align_backward(grad, rois, levels, scales, pooled_height, pooled_width, shapes, sampling_ratio, aligned)
@@ -367,34 +532,72 @@ def compile_specs():
         return tuple((f,) * n for f in fields)
 
     def align_fwd(n, dtype, has_levels):
-        sig = {"levels": levels(n, f"*{dtype}", *[i32] * 7, f32), "rois_ptr": "*fp32",
-               "lvl_ptr": "*i64" if has_levels else "constexpr", "out_ptr": f"*{dtype}", **align}
+        sig = {
+            "levels": levels(n, f"*{dtype}", *[i32] * 7, f32),
+            "rois_ptr": "*fp32",
+            "lvl_ptr": "*i64" if has_levels else "constexpr",
+            "out_ptr": f"*{dtype}",
+            **align,
+        }
         constexprs = {"NL": n, "ALIGNED": n == 1, "BLOCK_C": BLOCK_C, **({} if has_levels else {"lvl_ptr": None})}
         return _roi_align_fwd_kernel, sig, constexprs
 
     def align_bwd(n, gdtype, has_levels, deterministic):
         dst, flags = ("*i64", "*i32") if deterministic else ("*fp32", "*fp32")
-        sig = {"g_ptr": f"*{gdtype}", **gs, "levels": levels(n, dst, flags, i32, i32, i32, f32), "rois_ptr": "*fp32",
-               "lvl_ptr": "*i64" if has_levels else "constexpr", "scale_ptr": "*fp64" if deterministic else "constexpr",
-               **align, "DETERMINISTIC": "constexpr"}
-        constexprs = {"NL": n, "ALIGNED": n != 1, "DETERMINISTIC": deterministic, "BLOCK_C": BLOCK_C,
-                      **({} if has_levels else {"lvl_ptr": None}), **({} if deterministic else {"scale_ptr": None})}
+        sig = {
+            "g_ptr": f"*{gdtype}",
+            **gs,
+            "levels": levels(n, dst, flags, i32, i32, i32, f32),
+            "rois_ptr": "*fp32",
+            "lvl_ptr": "*i64" if has_levels else "constexpr",
+            "scale_ptr": "*fp64" if deterministic else "constexpr",
+            **align,
+            "DETERMINISTIC": "constexpr",
+        }
+        constexprs = {
+            "NL": n,
+            "ALIGNED": n != 1,
+            "DETERMINISTIC": deterministic,
+            "BLOCK_C": BLOCK_C,
+            **({} if has_levels else {"lvl_ptr": None}),
+            **({} if deterministic else {"scale_ptr": None}),
+        }
         return _roi_align_bwd_kernel, sig, constexprs
 
     def pool_bwd(deterministic):
         dst, flags = ("*i64", "*i32") if deterministic else ("*fp32", "*fp32")
-        sig = {"g_ptr": "*fp32", "x_ptr": "*fp32", "rois_ptr": "*fp32", "gin_ptr": dst, "flags_ptr": flags,
-               "scale_ptr": "*fp64" if deterministic else "constexpr", **x, **gs, **common,
-               "DETERMINISTIC": "constexpr", **blk}
-        constexprs = {"DETERMINISTIC": deterministic, "BLOCK_C": BLOCK_C,
-                      **({} if deterministic else {"scale_ptr": None})}
+        sig = {
+            "g_ptr": "*fp32",
+            "x_ptr": "*fp32",
+            "rois_ptr": "*fp32",
+            "gin_ptr": dst,
+            "flags_ptr": flags,
+            "scale_ptr": "*fp64" if deterministic else "constexpr",
+            **x,
+            **gs,
+            **common,
+            "DETERMINISTIC": "constexpr",
+            **blk,
+        }
+        constexprs = {
+            "DETERMINISTIC": deterministic,
+            "BLOCK_C": BLOCK_C,
+            **({} if deterministic else {"scale_ptr": None}),
+        }
         return _roi_pool_bwd_kernel, sig, constexprs
 
     return [
-        align_fwd(1, "fp32", False), align_fwd(4, "bf16", True),
-        align_bwd(1, "bf16", False, False), align_bwd(1, "fp32", False, True),
-        align_bwd(4, "fp32", True, False), align_bwd(4, "fp16", True, True),
-        (_roi_pool_fwd_kernel, {"x_ptr": "*fp16", "rois_ptr": "*fp32", "out_ptr": "*fp16", **x, **common, **blk},
-         {"BLOCK_C": BLOCK_C}),
-        pool_bwd(False), pool_bwd(True),
+        align_fwd(1, "fp32", False),
+        align_fwd(4, "bf16", True),
+        align_bwd(1, "bf16", False, False),
+        align_bwd(1, "fp32", False, True),
+        align_bwd(4, "fp32", True, False),
+        align_bwd(4, "fp16", True, True),
+        (
+            _roi_pool_fwd_kernel,
+            {"x_ptr": "*fp16", "rois_ptr": "*fp32", "out_ptr": "*fp16", **x, **common, **blk},
+            {"BLOCK_C": BLOCK_C},
+        ),
+        pool_bwd(False),
+        pool_bwd(True),
     ]

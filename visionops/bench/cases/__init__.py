@@ -1,4 +1,5 @@
 """Benchmark cases, one module per op family; each defines CASES (a list of visionops.bench.case.Case)."""
+
 import importlib
 import pkgutil
 

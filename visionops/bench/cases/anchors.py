@@ -1,4 +1,5 @@
 """Benchmark cases of the anchors / box-coding family (baseline: torchvision in the same run)."""
+
 import torch
 
 from visionops.bench.case import Case
@@ -62,8 +63,11 @@ def _decode_maker(n, k=1, clip=False):
         w = (10.0, 10.0, 5.0, 5.0) if k > 1 else (1.0, 1.0, 1.0, 1.0)
         if not clip:
             ours, theirs = visionops.BoxCoder(w), BoxCoder(w)
-            return ((lambda: ours.decode_single(deltas, anchors)), (lambda: theirs.decode_single(deltas, anchors)),
-                    _close)
+            return (
+                (lambda: ours.decode_single(deltas, anchors)),
+                (lambda: theirs.decode_single(deltas, anchors)),
+                _close,
+            )
         size = (800, 1216)
 
         def base():  # RoIHeads.postprocess_detections: decode, then clip

@@ -3,6 +3,7 @@
 Most of the time is the backbone, which visionops does not touch; the ratio shows what the routed ops
 (anchors, box coding, NMS, MultiScaleRoIAlign) save end to end.
 """
+
 import torch
 
 import visionops
@@ -14,8 +15,13 @@ def _fasterrcnn(min_size, batch):
         from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
         torch.manual_seed(0)
-        model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=min_size,
-                                        max_size=min_size * 4 // 3, box_score_thresh=0.0).eval().to(device)
+        model = (
+            fasterrcnn_resnet50_fpn(
+                weights=None, weights_backbone=None, min_size=min_size, max_size=min_size * 4 // 3, box_score_thresh=0.0
+            )
+            .eval()
+            .to(device)
+        )
         g = torch.Generator().manual_seed(1)
         images = [torch.rand(3, min_size, min_size * 4 // 3, generator=g).to(device) for _ in range(batch)]
 

@@ -1,5 +1,6 @@
 """NMS family cases: the issue's targets (CPU: nms 20k >= 20x, 1k >= 3x; batched_nms 20k/80 classes >= 3x; GPU: nms
 20k >= 2x) on boxes with xy ~ U(0, 800), wh ~ U(1, 101), iou 0.5, scores from randperm (no ties)."""
+
 import torch
 
 import visionops
@@ -27,8 +28,11 @@ def nms_case(n, backend="auto"):
         import torchvision
 
         boxes, scores = _boxes(n, device)
-        return (lambda: visionops.nms(boxes, scores, 0.5, backend=backend),
-                lambda: torchvision.ops.nms(boxes, scores, 0.5), _same)
+        return (
+            lambda: visionops.nms(boxes, scores, 0.5, backend=backend),
+            lambda: torchvision.ops.nms(boxes, scores, 0.5),
+            _same,
+        )
 
     return make
 
@@ -39,8 +43,11 @@ def batched_case(n, classes, backend="auto"):
 
         boxes, scores = _boxes(n, device)
         idxs = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(1)).to(device)
-        return (lambda: visionops.batched_nms(boxes, scores, idxs, 0.5, backend=backend),
-                lambda: torchvision.ops.batched_nms(boxes, scores, idxs, 0.5), _same)
+        return (
+            lambda: visionops.batched_nms(boxes, scores, idxs, 0.5, backend=backend),
+            lambda: torchvision.ops.batched_nms(boxes, scores, idxs, 0.5),
+            _same,
+        )
 
     return make
 
@@ -59,8 +66,11 @@ def box_iou_case(n, m, backward=False, backend="auto"):
         def run(fn):
             return lambda: torch.autograd.grad(fn(a, b), (a, b), grad)
 
-        return (run(lambda x, y: visionops.box_iou(x, y, backend=backend)), run(torchvision.ops.box_iou),
-                lambda x, y: [_close(p, q) for p, q in zip(x, y)])
+        return (
+            run(lambda x, y: visionops.box_iou(x, y, backend=backend)),
+            run(torchvision.ops.box_iou),
+            lambda x, y: [_close(p, q) for p, q in zip(x, y)],
+        )
 
     return make
 

@@ -1,6 +1,7 @@
 """RoI family cases: the issue's (features 2x256x50x68, 1024 RoIs with x1, y1 ~ U(0, 640), w, h ~ U(4, 204), 7x7,
 sampling_ratio 2, aligned, spatial_scale 1/16). CPU targets: roi_align fwd >= 4x, bwd >= 10x; roi_pool fwd >= 4x,
 fwd+bwd >= 4x. GPU (tags): fwd >= 1.5x, bwd >= 2x; deterministic bwd within 1.5x of our atomic bwd."""
+
 import torch
 
 import visionops
@@ -66,8 +67,11 @@ def pool_case(backward=False, backend="auto", **shape):
             return (lambda: ours(x)), (lambda: base(x)), _close
         xg = x.clone().requires_grad_(True)
         go = torch.randn(rois.shape[0], x.shape[1], 7, 7, device=device)
-        return ((lambda: torch.autograd.grad(ours(xg), xg, go)), (lambda: torch.autograd.grad(base(xg), xg, go)),
-                _close_all)
+        return (
+            (lambda: torch.autograd.grad(ours(xg), xg, go)),
+            (lambda: torch.autograd.grad(base(xg), xg, go)),
+            _close_all,
+        )
 
     return make
 
@@ -81,8 +85,10 @@ def multiscale_case(backward=False, c=256, k=1000, backend="auto"):
         import torchvision
 
         g = torch.Generator().manual_seed(0)
-        x = OrderedDict((f"p{i}", torch.randn(2, c, 800 // s, 1088 // s, generator=g).to(device))
-                        for i, s in enumerate((4, 8, 16, 32)))
+        x = OrderedDict(
+            (f"p{i}", torch.randn(2, c, 800 // s, 1088 // s, generator=g).to(device))
+            for i, s in enumerate((4, 8, 16, 32))
+        )
         boxes = []
         for _ in range(2):
             xy = torch.rand(k // 2, 2, generator=g) * torch.tensor([1000.0, 700.0])
@@ -96,8 +102,11 @@ def multiscale_case(backward=False, c=256, k=1000, backend="auto"):
             return (lambda: ours_m(x, boxes, shapes)), (lambda: base_m(x, boxes, shapes)), _close
         feats = [v.requires_grad_(True) for v in x.values()]
         go = torch.randn(k, c, 7, 7, generator=g).to(device)
-        return ((lambda: torch.autograd.grad(ours_m(x, boxes, shapes), feats, go)),
-                (lambda: torch.autograd.grad(base_m(x, boxes, shapes), feats, go)), _close_all)
+        return (
+            (lambda: torch.autograd.grad(ours_m(x, boxes, shapes), feats, go)),
+            (lambda: torch.autograd.grad(base_m(x, boxes, shapes), feats, go)),
+            _close_all,
+        )
 
     return make
 
@@ -107,8 +116,14 @@ CASES = [
     Case("roi_align", "bwd 2x256x50x68, 1024 RoIs", align_case(backward=True), target=10.0, gpu_target=2.0),
     Case("roi_align", "fwd 8x256x200x272, 4096 RoIs", align_case(n=8, h=200, w=272, k=4096), devices=("cuda",)),
     Case("roi_align", "bwd 8x256x200x272, 4096 RoIs", align_case(True, n=8, h=200, w=272, k=4096), devices=("cuda",)),
-    Case("roi_align", "deterministic bwd vs our atomic bwd", align_case(True, deterministic=True), devices=("cuda",),
-         baseline="visionops atomic", gpu_target=1 / 1.5),
+    Case(
+        "roi_align",
+        "deterministic bwd vs our atomic bwd",
+        align_case(True, deterministic=True),
+        devices=("cuda",),
+        baseline="visionops atomic",
+        gpu_target=1 / 1.5,
+    ),
     Case("roi_pool", "fwd 2x256x50x68, 1024 RoIs", pool_case(), quick=True, target=4.0, gpu_target=1.5),
     Case("roi_pool", "fwd+bwd 2x256x50x68, 1024 RoIs", pool_case(backward=True), target=4.0, gpu_target=2.0),
     Case("multi_scale_roi_align", "fwd FPN 4 levels 2x256, 1000 boxes", multiscale_case(), quick=True),
@@ -119,6 +134,10 @@ CASES = [
     Case("roi_pool", "fwd [triton]", pool_case(backend="triton"), devices=("cuda",)),
     Case("roi_pool", "fwd+bwd [triton]", pool_case(True, backend="triton"), devices=("cuda",)),
     Case("multi_scale_roi_align", "fwd [triton, one launch]", multiscale_case(backend="triton"), devices=("cuda",)),
-    Case("multi_scale_roi_align", "fwd+bwd [triton, one launch]", multiscale_case(True, backend="triton"),
-         devices=("cuda",)),
+    Case(
+        "multi_scale_roi_align",
+        "fwd+bwd [triton, one launch]",
+        multiscale_case(True, backend="triton"),
+        devices=("cuda",),
+    ),
 ]
