@@ -1,17 +1,15 @@
 """The public op wrappers, one module per family: argument checks, docstrings with shapes, modules, and the family's
-declarations in the op registry (visionops/_registry.py). Each family module lists its public names in __all__."""
+declarations in the op registry (visionops/_registry.py).
 
-import visionops.ops.anchors as _anchors
-import visionops.ops.box_coder as _box_coder
-import visionops.ops.boxes as _boxes
-import visionops.ops.nms as _nms
-import visionops.ops.poolers as _poolers
-import visionops.ops.roi as _roi
-from visionops.ops.anchors import *  # noqa: F401,F403
-from visionops.ops.box_coder import *  # noqa: F401,F403
-from visionops.ops.boxes import *  # noqa: F401,F403
-from visionops.ops.nms import *  # noqa: F401,F403
-from visionops.ops.poolers import *  # noqa: F401,F403
-from visionops.ops.roi import *  # noqa: F401,F403
+Every public module here (no leading underscore) is imported and its ``__all__`` exported, so a new family is one
+new file and nothing to edit here.
+"""
+import importlib
+import pkgutil
 
-__all__ = [*_nms.__all__, *_roi.__all__, *_poolers.__all__, *_anchors.__all__, *_box_coder.__all__, *_boxes.__all__]
+__all__ = []
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _info.name.startswith("_"):
+        _family = importlib.import_module(f"{__name__}.{_info.name}")
+        __all__ += _family.__all__
+        globals().update({_name: getattr(_family, _name) for _name in _family.__all__})
