@@ -1,5 +1,6 @@
 """Shared test set-up. Triton kernels run on CPU tensors through the interpreter: TRITON_INTERPRET must be set
 before triton (and so visionops) is imported, hence here, at the top of the first module pytest loads."""
+
 import os
 
 import pytest
@@ -7,7 +8,6 @@ import pytest
 if os.environ.get("VISIONOPS_TEST_CUDA") != "1":  # on a GPU machine gpu_check.sh sets this to test compiled Triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch  # noqa: E402
 
 import visionops  # noqa: E402,F401
 

@@ -1,4 +1,5 @@
 """Devices, dtypes and sample inputs shared by the op tests."""
+
 import os
 
 import pytest
@@ -20,7 +21,9 @@ def triton_devices():
     """Devices the Triton backend can run on here: CUDA, or the CPU under the interpreter."""
     if not HAS_TRITON:
         return []
-    return (["cpu"] if TRITON_INTERPRET else []) + (["cuda"] if torch.cuda.is_available() and not TRITON_INTERPRET else [])
+    return (["cpu"] if TRITON_INTERPRET else []) + (
+        ["cuda"] if torch.cuda.is_available() and not TRITON_INTERPRET else []
+    )
 
 
 def backends_for(device):

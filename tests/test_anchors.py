@@ -1,4 +1,5 @@
 """Anchor generation: cell_anchors, grid_anchors, AnchorGenerator, DefaultBoxGenerator vs torchvision/reference."""
+
 import math
 import random
 
@@ -24,12 +25,14 @@ def _image_list(sizes, device="cpu", dtype=torch.float32):
 
 def _random_config(rng):
     levels = rng.randint(1, 4)
-    sizes = tuple(tuple(rng.choice([8, 16, 23, 32, 50, 64, 100, 128]) for _ in range(rng.randint(1, 3)))
-                  for _ in range(levels))
-    ratios = tuple(tuple(rng.choice([0.25, 0.5, 1.0, 1.5, 2.0, 3.0]) for _ in range(rng.randint(1, 3)))
-                   for _ in range(levels))
+    sizes = tuple(
+        tuple(rng.choice([8, 16, 23, 32, 50, 64, 100, 128]) for _ in range(rng.randint(1, 3))) for _ in range(levels)
+    )
+    ratios = tuple(
+        tuple(rng.choice([0.25, 0.5, 1.0, 1.5, 2.0, 3.0]) for _ in range(rng.randint(1, 3))) for _ in range(levels)
+    )
     images = [(rng.randint(40, 150), rng.randint(40, 150)) for _ in range(rng.randint(1, 3))]
-    strides = [rng.choice([4, 8, 16]) * 2 ** l for l in range(levels)]
+    strides = [rng.choice([4, 8, 16]) * 2**l for l in range(levels)]
     return sizes, ratios, images, strides
 
 
@@ -155,8 +158,10 @@ def test_cell_anchors(rounded):
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("offset", [0.0, 0.5])
 def test_grid_anchors_matches_reference(device, dtype, contiguous, offset):
-    cells = [visionops.cell_anchors((16, 40), (0.5, 1.0), rounded=False, dtype=dtype, device=device),
-             visionops.cell_anchors((100,), (1.0, 3.0), dtype=dtype, device=device)]
+    cells = [
+        visionops.cell_anchors((16, 40), (0.5, 1.0), rounded=False, dtype=dtype, device=device),
+        visionops.cell_anchors((100,), (1.0, 3.0), dtype=dtype, device=device),
+    ]
     if not contiguous:
         cells = [c.t().contiguous().t() for c in cells]
         assert not cells[0].is_contiguous()
@@ -172,8 +177,9 @@ def test_grid_anchors_matches_reference(device, dtype, contiguous, offset):
     out = visionops.grid_anchors(feats, strides, cells, offset)
     x, y = 3, 2
     row = (y * 5 + x) * 4 + 1
-    expect = cells[0][1].to(torch.float64) + torch.tensor([(x + offset) * 6, (y + offset) * 8] * 2,
-                                                          dtype=torch.float64, device=device)
+    expect = cells[0][1].to(torch.float64) + torch.tensor(
+        [(x + offset) * 6, (y + offset) * 8] * 2, dtype=torch.float64, device=device
+    )
     torch.testing.assert_close(out[row].double(), expect, **_tol(dtype))
 
 
@@ -183,8 +189,9 @@ def test_grid_anchors_matches_torchvision_method():
     theirs = torch.cat(gen.grid_anchors(grid, strides))
     ours = visionops.grid_anchors(grid, strides, gen.cell_anchors)
     assert torch.equal(ours, theirs)
-    ours_method = torch.cat(visionops.AnchorGenerator(((32, 64), (128,)), ((0.5, 1.0), (2.0,))).grid_anchors(
-        grid, strides))
+    ours_method = torch.cat(
+        visionops.AnchorGenerator(((32, 64), (128,)), ((0.5, 1.0), (2.0,))).grid_anchors(grid, strides)
+    )
     assert torch.equal(ours_method, theirs)
 
 
@@ -196,12 +203,12 @@ def test_default_box_generator_matches_torchvision(seed, dtype):
     ratios = [[rng.choice([2, 3])] * rng.randint(0, 2) for _ in range(levels)]
     kwargs = {}
     if seed % 2:
-        kwargs["steps"] = [8 * 2 ** l for l in range(levels)]
+        kwargs["steps"] = [8 * 2**l for l in range(levels)]
     if seed == 2:
         kwargs["scales"] = [0.07 + 0.15 * k for k in range(levels + 1)]
     kwargs["clip"] = seed != 3
     il = _image_list([(rng.randint(100, 300), rng.randint(100, 300)), (90, 120)])
-    fms = _feature_maps(il, [8 * 2 ** l for l in range(levels)], dtype=dtype)
+    fms = _feature_maps(il, [8 * 2**l for l in range(levels)], dtype=dtype)
     ours = visionops.DefaultBoxGenerator(ratios, **kwargs)
     theirs = TVDefaultBoxGenerator(ratios, **kwargs)
     assert ours.num_anchors_per_location() == theirs.num_anchors_per_location()

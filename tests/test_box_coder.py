@@ -1,4 +1,5 @@
 """Box coding: BoxCoder / decode_boxes / encode_boxes / filter_boxes vs torchvision's BoxCoder and the reference."""
+
 import math
 
 import pytest
@@ -60,7 +61,8 @@ def test_decode_boxes_matches_reference(device, dtype, contiguous, clip_to):
         torch.testing.assert_close(out, ref, **_tol(dtype))
     if clip_to is not None:
         tv = torchvision.ops.clip_boxes_to_image(
-            TVBoxCoder(WEIGHTS[1]).decode_single(deltas.double(), anchors.double()).reshape(-1, 4), clip_to)
+            TVBoxCoder(WEIGHTS[1]).decode_single(deltas.double(), anchors.double()).reshape(-1, 4), clip_to
+        )
         torch.testing.assert_close(out.double(), tv.reshape(out.shape), **_tol(dtype))
 
 
@@ -257,8 +259,11 @@ def test_opcheck_cpp_ops():
         torch.library.opcheck(ops.decode_boxes.default, (d.double().requires_grad_(), a.double(), w, CLIP, size))
         torch.library.opcheck(ops._decode_boxes_backward.default, (g, d, a, w, CLIP, size))
     torch.library.opcheck(ops.encode_boxes.default, (a + 1, a, w))
-    torch.library.opcheck(ops.filter_boxes.default, (a, torch.rand(10), 0.2, 3.0),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        ops.filter_boxes.default,
+        (a, torch.rand(10), 0.2, 3.0),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 @pytest.mark.skipif("triton" not in backends_for("cpu") and not torch.cuda.is_available(), reason="needs triton")
@@ -272,8 +277,11 @@ def test_opcheck_triton_ops():
         torch.library.opcheck(tb.triton_decode_boxes, (d.double().requires_grad_(), a.double(), w, CLIP, size))
         torch.library.opcheck(tb.triton_decode_boxes_backward, (g, d, a, w, CLIP, size))
     torch.library.opcheck(tb.triton_encode_boxes, (a + 1, a, w))
-    torch.library.opcheck(tb.triton_filter_boxes, (a, torch.rand(10, device=dev), 0.2, 3.0),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        tb.triton_filter_boxes,
+        (a, torch.rand(10, device=dev), 0.2, 3.0),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 def test_torch_compile_decode():

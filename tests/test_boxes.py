@@ -1,4 +1,5 @@
 """Box utilities (pure PyTorch): box_area, clip_boxes_to_image, box_convert, remove_small_boxes vs torchvision."""
+
 import pytest
 import torch
 import torchvision

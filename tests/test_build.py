@@ -1,4 +1,5 @@
 """Package-level behaviour: build info, backend selection, a clear error when _C is missing."""
+
 import os
 import shutil
 import subprocess
@@ -46,8 +47,13 @@ def test_missing_extension_says_what_to_do(tmp_path):
     shutil.copytree(pkg, tmp_path / "visionops", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
     # An editable install's import hook would find the real _C: drop it, so only the copied tree is importable.
     code = "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f)]; import visionops"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
     assert proc.returncode != 0
     assert "could not load its compiled extension" in proc.stderr
     assert "--no-build-isolation" in proc.stderr

@@ -1,4 +1,5 @@
 """patch_torchvision: torchvision models run visionops kernels, give the same detections, and are restored."""
+
 import pytest
 import torch
 import torchvision
@@ -13,9 +14,13 @@ def _originals():
     import torchvision.models.detection._utils as det_utils
     import torchvision.models.detection.anchor_utils as anchor_utils
 
-    return ([getattr(torchvision.ops, n) for n in ROUTED] + [torchvision.ops.boxes.batched_nms,
-            torchvision.ops.MultiScaleRoIAlign.forward, anchor_utils.AnchorGenerator.forward,
-            det_utils.BoxCoder.decode_single, det_utils.BoxCoder.encode_single])
+    return [getattr(torchvision.ops, n) for n in ROUTED] + [
+        torchvision.ops.boxes.batched_nms,
+        torchvision.ops.MultiScaleRoIAlign.forward,
+        anchor_utils.AnchorGenerator.forward,
+        det_utils.BoxCoder.decode_single,
+        det_utils.BoxCoder.encode_single,
+    ]
 
 
 def test_patch_and_restore_functions():
@@ -39,8 +44,9 @@ def test_patch_and_restore_functions():
 @pytest.fixture(scope="module")
 def model_and_images():
     torch.manual_seed(0)
-    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=256, max_size=320,
-                                    box_score_thresh=0.0).eval()
+    model = fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, min_size=256, max_size=320, box_score_thresh=0.0
+    ).eval()
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 240, 300, generator=g), torch.rand(3, 200, 320, generator=g)]
     return model, images
@@ -56,8 +62,12 @@ def test_fasterrcnn_same_detections_with_visionops_kernels(model_and_images):
                 got = model(images)
         restored = model(images)
     names = {e.name for e in prof.events()}
-    for op in ["visionops::batched_nms", "visionops::multi_scale_roi_align", "visionops::grid_anchors",
-               "visionops::decode_boxes"]:
+    for op in [
+        "visionops::batched_nms",
+        "visionops::multi_scale_roi_align",
+        "visionops::grid_anchors",
+        "visionops::decode_boxes",
+    ]:
         assert op in names, f"{op} did not run under the patch"
     assert not [n for n in names if n.startswith("torchvision::")], "torchvision kernels ran under the patch"
     for e, g_, r in zip(expected, got, restored):

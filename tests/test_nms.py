@@ -1,4 +1,5 @@
 """NMS family: nms, batched_nms, box_iou on every backend, against torchvision and the reference."""
+
 import math
 
 import pytest
@@ -81,9 +82,20 @@ def test_nms_non_contiguous(device):
 def test_nms_large_cpu_grid_path():
     """The CPU kernel's spatial grid must give exactly the quadratic loop's answer, outliers included."""
     g = torch.Generator().manual_seed(3)
-    boxes = torch.cat([random_boxes(3000, generator=g), clustered_boxes(2000, generator=g),
-                       torch.tensor([[0.0, 0.0, 5000.0, 5000.0], [-1e6, -1e6, -1e6 + 10, -1e6 + 10],
-                                     [float("nan"), 0, 10, 10], [0, 0, float("inf"), 10]])])
+    boxes = torch.cat(
+        [
+            random_boxes(3000, generator=g),
+            clustered_boxes(2000, generator=g),
+            torch.tensor(
+                [
+                    [0.0, 0.0, 5000.0, 5000.0],
+                    [-1e6, -1e6, -1e6 + 10, -1e6 + 10],
+                    [float("nan"), 0, 10, 10],
+                    [0, 0, float("inf"), 10],
+                ]
+            ),
+        ]
+    )
     scores = unique_scores(len(boxes), generator=g)
     for thr in [0.0, 0.1, 0.5, 0.9]:
         torch.testing.assert_close(visionops.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr))
@@ -93,8 +105,11 @@ def test_nms_extreme_coordinate_ranges_cpu():
     """Grid sizing must survive any finite spread: huge ranges, one flat axis, float64 near its limits."""
     g = torch.Generator().manual_seed(14)
     base = clustered_boxes(300, generator=g).double()
-    cases = [base * 1e290, base + torch.tensor([1e300, 0, 1e300, 0], dtype=torch.float64),
-             torch.cat([base, base[:5] * torch.tensor([1e305, 1e-300, 1e305, 1e-300], dtype=torch.float64)])]
+    cases = [
+        base * 1e290,
+        base + torch.tensor([1e300, 0, 1e300, 0], dtype=torch.float64),
+        torch.cat([base, base[:5] * torch.tensor([1e305, 1e-300, 1e305, 1e-300], dtype=torch.float64)]),
+    ]
     for boxes in cases:
         scores = unique_scores(len(boxes), generator=g, dtype=torch.float64)
         torch.testing.assert_close(visionops.nms(boxes, scores, 0.5), torchvision.ops.nms(boxes, scores, 0.5))
@@ -137,8 +152,9 @@ def test_batched_nms_many_classes_cpu():
     g = torch.Generator().manual_seed(7)
     boxes, scores = _inputs("random", 4000, g)
     idxs = torch.randint(0, 80, (4000,), generator=g)
-    torch.testing.assert_close(visionops.batched_nms(boxes, scores, idxs, 0.5),
-                               torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
+    torch.testing.assert_close(
+        visionops.batched_nms(boxes, scores, idxs, 0.5), torchvision.ops.batched_nms(boxes, scores, idxs, 0.5)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -196,11 +212,17 @@ def _op_samples(device="cpu"):
     a = random_boxes(6, dtype=torch.float64, generator=g).requires_grad_()
     b = random_boxes(5, dtype=torch.float64, generator=g).requires_grad_()
     ops = torch.ops.visionops
-    samples = [(ops.nms.default, (boxes, scores, 0.5)), (ops.batched_nms.default, (boxes, scores, idxs, 0.5)),
-               (ops.box_iou.default, (a, b))]
+    samples = [
+        (ops.nms.default, (boxes, scores, 0.5)),
+        (ops.batched_nms.default, (boxes, scores, idxs, 0.5)),
+        (ops.box_iou.default, (a, b)),
+    ]
     if "triton" in backends_for(device):
-        samples += [(ops.triton_nms.default, (boxes, scores, 0.5)),
-                    (ops.triton_batched_nms.default, (boxes, scores, idxs, 0.5)), (ops.triton_box_iou.default, (a, b))]
+        samples += [
+            (ops.triton_nms.default, (boxes, scores, 0.5)),
+            (ops.triton_batched_nms.default, (boxes, scores, idxs, 0.5)),
+            (ops.triton_box_iou.default, (a, b)),
+        ]
     return samples
 
 
@@ -229,8 +251,11 @@ def test_torch_compile_fullgraph():
 def test_torch_export():
     class PostProcess(torch.nn.Module):
         def forward(self, boxes, scores, idxs):
-            return (visionops.batched_nms(boxes, scores, idxs, 0.5), visionops.nms(boxes, scores, 0.6),
-                    visionops.box_iou(boxes, boxes[:7]))
+            return (
+                visionops.batched_nms(boxes, scores, idxs, 0.5),
+                visionops.nms(boxes, scores, 0.6),
+                visionops.box_iou(boxes, boxes[:7]),
+            )
 
     g = torch.Generator().manual_seed(12)
     boxes, scores = _inputs("clustered", 60, g)

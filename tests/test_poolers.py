@@ -1,4 +1,5 @@
 """MultiScaleRoIAlign: level mapping and pooling against torchvision, gradients, one-kernel op registrations."""
+
 from collections import OrderedDict
 
 import pytest
@@ -75,10 +76,12 @@ def test_opcheck_and_compile():
     levels = m.map_levels(boxes)
     args = (feats, rois, levels, m.scales, 4, 4, 2, False)
     torch.testing.assert_close(torch.ops.visionops.multi_scale_roi_align(*args), expect)
-    torch.library.opcheck(torch.ops.visionops.multi_scale_roi_align.default,
-                          ([f.clone().requires_grad_(True) for f in feats],) + args[1:])
-    fn = torch.compile(lambda f, r, l: torch.ops.visionops.multi_scale_roi_align(f, r, l, m.scales, 4, 4, 2, False),
-                       fullgraph=True)
+    torch.library.opcheck(
+        torch.ops.visionops.multi_scale_roi_align.default, ([f.clone().requires_grad_(True) for f in feats],) + args[1:]
+    )
+    fn = torch.compile(
+        lambda f, r, l: torch.ops.visionops.multi_scale_roi_align(f, r, l, m.scales, 4, 4, 2, False), fullgraph=True
+    )
     torch.testing.assert_close(fn(feats, rois, levels), expect)
 
 

@@ -1,4 +1,5 @@
 """roi_align: every backend against the float64 reference and torchvision, gradients, registrations, bad input."""
+
 import pytest
 import torch
 import torchvision
@@ -138,7 +139,9 @@ def test_gradcheck_triton():
 def test_opcheck():
     x, rois = make_case(0)
     for aligned in (False, True):
-        torch.library.opcheck(torch.ops.visionops.roi_align.default, (x.requires_grad_(True), rois, 0.5, 3, 3, 2, aligned))
+        torch.library.opcheck(
+            torch.ops.visionops.roi_align.default, (x.requires_grad_(True), rois, 0.5, 3, 3, 2, aligned)
+        )
         x = x.detach()
     go = torch.randn(12, 3, 3, 3)
     torch.library.opcheck(torch.ops.visionops._roi_align_backward.default, (go, rois, 0.5, 3, 3, 2, 3, 9, 11, -1, True))
@@ -161,8 +164,12 @@ def test_one_by_one_map_and_empty(device):
     for backend in backends_for(device):
         x = torch.randn(2, 4, 1, 1, device=device)
         rois = torch.tensor([[1, -2.0, -2.0, 3.0, 3.0], [0, 0.0, 0.0, 0.4, 0.4]], device=device)
-        torch.testing.assert_close(visionops.roi_align(x, rois, 2, 1.0, -1, True, backend=backend).cpu(),
-                                   ref(x, rois, 1.0, 2, 2, -1, True).float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            visionops.roi_align(x, rois, 2, 1.0, -1, True, backend=backend).cpu(),
+            ref(x, rois, 1.0, 2, 2, -1, True).float(),
+            atol=1e-5,
+            rtol=1e-5,
+        )
         assert visionops.roi_align(x, rois[:0], 2, backend=backend).shape == (0, 4, 2, 2)
         assert visionops.roi_align(x[:, :0], rois, 2, backend=backend).shape == (2, 0, 2, 2)
         xe = x.requires_grad_(True)
@@ -204,8 +211,9 @@ def test_autocast_half_features_float_boxes(device):
     with torch.autocast(device, dtype=dtype):
         out = visionops.roi_align(x.to(dtype), rois, 3, 0.5, 2, True)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), visionops.roi_align(x.to(dtype).float(), rois, 3, 0.5, 2, True),
-                               atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        out.float(), visionops.roi_align(x.to(dtype).float(), rois, 3, 0.5, 2, True), atol=1e-2, rtol=1e-2
+    )
 
 
 def test_nan_inf_boxes_are_defined():

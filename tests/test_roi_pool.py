@@ -1,4 +1,5 @@
 """roi_pool: every backend against the float64 reference and torchvision, gradients, registrations, bad input."""
+
 import pytest
 import torch
 import torchvision
@@ -114,8 +115,10 @@ def test_boxes_list_form_modules_empty():
     assert visionops.roi_pool(x, rois[:0], 2).shape == (0, 3, 2, 2)
     assert visionops.roi_pool(x[:, :0], rois, 2).shape == (10, 0, 2, 2)
     one = torch.randn(1, 2, 1, 1)
-    torch.testing.assert_close(visionops.roi_pool(one, torch.tensor([[0, 0.0, 0, 5, 5]]), 2),
-                               torchvision.ops.roi_pool(one, torch.tensor([[0, 0.0, 0, 5, 5]]), 2))
+    torch.testing.assert_close(
+        visionops.roi_pool(one, torch.tensor([[0, 0.0, 0, 5, 5]]), 2),
+        torchvision.ops.roi_pool(one, torch.tensor([[0, 0.0, 0, 5, 5]]), 2),
+    )
 
 
 def test_cpu_backward_deterministic_across_thread_counts():

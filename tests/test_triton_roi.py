@@ -1,5 +1,6 @@
 """Triton RoI backends: the deterministic (fixed-point) backward of roi_align / roi_pool, and MultiScaleRoIAlign in
 one launch over all levels. Shapes are tiny: under TRITON_INTERPRET=1 every program runs in Python."""
+
 from collections import OrderedDict
 
 import pytest
@@ -113,8 +114,9 @@ CANONICAL = 56  # LevelMapper's canonical box size: 224 would need boxes far lar
 def make_fpn(seed, dtype=torch.float32, c=2):
     """Three levels (strides 4, 8, 16 of a 64 x 48 image), two images, and boxes sized for each level."""
     g = torch.Generator().manual_seed(seed)
-    x = OrderedDict((n, torch.randn(2, c, 64 // s, 48 // s, generator=g, dtype=dtype).to(DEVICE))
-                    for n, s in zip(NAMES, (4, 8, 16)))
+    x = OrderedDict(
+        (n, torch.randn(2, c, 64 // s, 48 // s, generator=g, dtype=dtype).to(DEVICE)) for n, s in zip(NAMES, (4, 8, 16))
+    )
     sizes = torch.tensor([[16.0, 12.0], [40.0, 36.0], [80.0, 70.0], [30.0, 50.0]])
     boxes = []
     for n in (4, 3):
@@ -126,8 +128,7 @@ def make_fpn(seed, dtype=torch.float32, c=2):
 def pooler(output_size, sampling_ratio, backend):
     if backend == "torchvision":
         return torchvision.ops.MultiScaleRoIAlign(NAMES, output_size, sampling_ratio, canonical_scale=CANONICAL)
-    return visionops.MultiScaleRoIAlign(NAMES, output_size, sampling_ratio, canonical_scale=CANONICAL,
-                                        backend=backend)
+    return visionops.MultiScaleRoIAlign(NAMES, output_size, sampling_ratio, canonical_scale=CANONICAL, backend=backend)
 
 
 def pool_and_grad(module, x, boxes, shapes, go):
@@ -181,15 +182,19 @@ def test_multi_scale_deterministic_backward_and_bad_levels():
     go[3:5] = float("nan")  # must go nowhere
     with deterministic():
         det = ops.triton_multi_scale_roi_align_backward(go, rois, levels, scales, 2, 2, shapes, 2, False)
-        again = ops.triton_multi_scale_roi_align_backward(go.flip(0), rois.flip(0), levels.flip(0), scales, 2, 2,
-                                                          shapes, 2, False)
+        again = ops.triton_multi_scale_roi_align_backward(
+            go.flip(0), rois.flip(0), levels.flip(0), scales, 2, 2, shapes, 2, False
+        )
     fl = ops.triton_multi_scale_roi_align_backward(go, rois, levels, scales, 2, 2, shapes, 2, False)
     ok = torch.tensor([0, 1, 2, 5, 6])
     for level, (d, a, f) in enumerate(zip(det, again, fl)):
         assert d.shape == feats[level].shape and torch.equal(d, a) and d.isfinite().all()
         torch.testing.assert_close(d, f, rtol=1e-6, atol=1e-6)
-        (e,) = torch.autograd.grad(visionops.roi_align(feats[level].requires_grad_(True), rois[ok][levels[ok] == level],
-                                                       2, scales[level], 2), feats[level], go[ok][levels[ok] == level])
+        (e,) = torch.autograd.grad(
+            visionops.roi_align(feats[level].requires_grad_(True), rois[ok][levels[ok] == level], 2, scales[level], 2),
+            feats[level],
+            go[ok][levels[ok] == level],
+        )
         torch.testing.assert_close(d, e, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="levels"):
         ops.triton_multi_scale_roi_align(feats, rois, levels.int(), scales, 2, 2, 2, False)
@@ -209,11 +214,14 @@ def test_multi_scale_no_rois():
 def test_multi_scale_opcheck_compile_and_no_double_backward():
     feats, boxes, rois, levels, scales, mapper = op_args(3, boxes_per_image=(3, 0))
     args = (rois, levels, scales, 2, 2, 2, False)
-    torch.library.opcheck(ops.triton_multi_scale_roi_align.default,
-                          ([f.clone().requires_grad_(True) for f in feats],) + args)
+    torch.library.opcheck(
+        ops.triton_multi_scale_roi_align.default, ([f.clone().requires_grad_(True) for f in feats],) + args
+    )
     go = torch.randn(3, 2, 2, 2, device=DEVICE)
-    torch.library.opcheck(ops.triton_multi_scale_roi_align_backward.default,
-                          (go, rois, levels, scales, 2, 2, [s for f in feats for s in f.shape], 2, False))
+    torch.library.opcheck(
+        ops.triton_multi_scale_roi_align_backward.default,
+        (go, rois, levels, scales, 2, 2, [s for f in feats for s in f.shape], 2, False),
+    )
 
     def wrapper(fs, bs):
         return visionops.ops.poolers.multi_scale_roi_align(fs, bs, 2, 2, scales, mapper, backend="triton")

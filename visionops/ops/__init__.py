@@ -4,6 +4,7 @@ declarations in the op registry (visionops/_registry.py).
 Every public module here (no leading underscore) is imported and its ``__all__`` exported, so a new family is one
 new file and nothing to edit here.
 """
+
 import importlib
 import pkgutil
 

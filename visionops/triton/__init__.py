@@ -4,6 +4,7 @@ Importing a submodule needs the `triton` package. Under ``TRITON_INTERPRET=1`` (
 kernels also run on CPU tensors, which is how the test-suite runs them without a GPU. Every public module here is
 imported when triton is installed, so its ops exist as soon as visionops is imported.
 """
+
 import importlib
 import pkgutil
 
