@@ -60,7 +60,7 @@ def test_deterministic_backward(op):
     assert torch.equal(det, backward(op, go[perm], x, rois[perm], True))  # whatever order the RoIs come in
     scale = go.abs().max().item()
     torch.testing.assert_close(det, backward(op, go, x, rois, False), rtol=1e-6, atol=1e-6 * scale)
-    torch.testing.assert_close(det.double(), reference_grad(op, go, x, rois), rtol=1e-6, atol=1e-6 * scale)
+    torch.testing.assert_close(det.double().cpu(), reference_grad(op, go, x, rois), rtol=1e-6, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("op", ["roi_align", "roi_pool"])
