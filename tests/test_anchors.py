@@ -1,4 +1,6 @@
-"""Anchor generation: cell_anchors, grid_anchors, AnchorGenerator, DefaultBoxGenerator vs torchvision/reference."""
+"""Anchor generation: the grid_anchors conformance suite (every backend against the reference, exactly, and
+torchvision's AnchorGenerator.grid_anchors), then AnchorGenerator, cell_anchors and DefaultBoxGenerator against
+torchvision."""
 
 import math
 import random
@@ -11,7 +13,7 @@ from torchvision.models.detection.image_list import ImageList
 
 import visionops
 from visionops import reference
-from helpers import DEVICES, FLOAT_DTYPES, backends_for, needs_cuda
+from visionops.testing import DEVICES, FLOAT_DTYPES, Bad, OpConformance, backends_for, interpreted, needs_cuda
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -49,6 +51,98 @@ def _tol(dtype):
     return dict(rtol=2 * torch.finfo(dtype).eps, atol=1.0) if dtype in HALF else dict(rtol=0, atol=0)
 
 
+class TestGridAnchors(OpConformance):
+    op = "grid_anchors"
+    covers = ("AnchorGenerator",)
+    # (feature sizes, strides, offset) of two levels; cells: one unrounded level (detectron2), one rounded
+    configs = {
+        "offset0": ([(7, 5), (3, 4)], [(8, 6), (16.5, 16)], 0.0),
+        "offset0.5": ([(7, 5), (3, 4)], [(8, 6), (16.5, 16)], 0.5),
+        "integer_strides": ([(10, 7), (5, 4)], [(8, 9), (16, 18)], 0.0),
+    }
+    reference_dtype = None  # exact: the reference documents the compute dtype (float32, float64 for float64)
+    torchvision_dtypes = (torch.float64, torch.float32)
+    torchvision_configs = ("integer_strides",)
+    interpreted_cheap = True
+
+    def tolerance(self, dtype, backend, grad=False):
+        # The Triton interpreter's float32 -> bfloat16 cast breaks exact ties differently from round-half-even.
+        if backend == "triton" and interpreted(backend, "cpu") and dtype == torch.bfloat16:
+            return _tol(dtype)
+        return dict(rtol=0, atol=0)
+
+    def fn(self, feature_sizes, strides, c0, c1, offset, *, backend):
+        return visionops.grid_anchors(feature_sizes, strides, [c0, c1], offset, backend=backend)
+
+    def reference(self, feature_sizes, strides, c0, c1, offset):
+        return reference.grid_anchors(feature_sizes, strides, [c0, c1], offset)
+
+    def torchvision_fn(self, feature_sizes, strides, c0, c1, offset):
+        gen = TVAnchorGenerator(((1,), (1,)), ((1.0,), (1.0,)))
+        gen.cell_anchors = [c0, c1]
+        strides = [[torch.tensor(int(sh)), torch.tensor(int(sw))] for sh, sw in strides]
+        return torch.cat(gen.grid_anchors([list(f) for f in feature_sizes], strides))
+
+    def make_inputs(self, device, dtype, generator, size, config):
+        feature_sizes, strides, offset = config
+        if size != "full":
+            feature_sizes = [(2, 3), (1, 2)]
+        cells = [
+            visionops.cell_anchors((16, 40), (0.5, 1.0), rounded=False, dtype=dtype, device=device),
+            visionops.cell_anchors((100,), (1.0, 3.0), dtype=dtype, device=device),
+        ]
+        return (feature_sizes, strides, *cells, offset)
+
+    def empty_inputs(self, device, dtype):
+        cells = [
+            visionops.cell_anchors((32,), (1.0,), dtype=dtype, device=device),
+            visionops.cell_anchors((64,), (0.5, 2.0), dtype=dtype, device=device),
+        ]
+        return {
+            "empty_levels": ([(0, 5), (3, 0)], [(8, 8), (16, 16)], *cells, 0.0),
+            "no_cell_anchors": ([(4, 5), (3, 2)], [(8, 8), (16, 16)], cells[0][:0], cells[1][:0], 0.5),
+        }
+
+    def bad_inputs(self):
+        cells = [visionops.cell_anchors((32,), (1.0,))]
+        ga = visionops.grid_anchors
+        return [
+            Bad(
+                "levels_mismatch",
+                lambda b: ga([(4, 4), (2, 2)], [(8, 8)], cells, backend=b),
+                ValueError,
+                "feature_sizes, strides and cell_anchors",
+            ),
+            Bad("no_levels", lambda b: ga([], [], [], backend=b), ValueError, "cell_anchors"),
+            Bad("strides0_negative", lambda b: ga([(4, 4)], [(-8, 8)], cells, backend=b), ValueError, r"strides\[0\]"),
+            Bad(
+                "feature_sizes0_three",
+                lambda b: ga([(4, 4, 1)], [(8, 8)], cells, backend=b),
+                ValueError,
+                r"feature_sizes\[0\]",
+            ),
+            Bad(
+                "cell_anchors_not_tensors",
+                lambda b: ga([(4, 4)], [(8, 8)], [[[0, 0, 1, 1]]], backend=b),
+                TypeError,
+                "cell_anchors",
+            ),
+            Bad(
+                "cell_anchors_5_columns",
+                lambda b: ga([(4, 4)], [(8, 8)], [torch.zeros(3, 5)], backend=b),
+                ValueError,
+                "cell_anchors",
+            ),
+            Bad(
+                "cell_anchors_mixed_dtypes",
+                lambda b: ga([(4, 4)] * 2, [(8, 8)] * 2, [cells[0], cells[0].double()], backend=b),
+                ValueError,
+                "cell_anchors",
+            ),
+            Bad("backend_cuda", lambda b: ga([(4, 4)], [(8, 8)], cells, backend="cuda"), ValueError, "backend"),
+        ]
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("backend", backends_for("cpu"))
 def test_anchor_generator_matches_torchvision_random(seed, backend):
@@ -66,18 +160,17 @@ def test_anchor_generator_matches_torchvision_random(seed, backend):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_anchor_generator_dtypes(device, dtype):
-    for backend in backends_for(device):
-        sizes, ratios = ((32, 64), (128,)), ((0.5, 1.0, 2.0), (1.0, 2.0))
-        il = _image_list([(200, 190), (170, 210)], device=device)
-        fms = _feature_maps(il, [8, 32], dtype=dtype)
-        a = visionops.AnchorGenerator(sizes, ratios, backend=backend)(il, fms)
-        b = TVAnchorGenerator(sizes, ratios)(il, fms)
-        for x, y in zip(a, b):
-            assert x.dtype == dtype and x.device == y.device
-            torch.testing.assert_close(x, y, **_tol(dtype))
+@pytest.mark.parametrize("backend,device", [(b, d) for d in DEVICES for b in backends_for(d)])
+def test_anchor_generator_dtypes(backend, device, dtype):
+    sizes, ratios = ((32, 64), (128,)), ((0.5, 1.0, 2.0), (1.0, 2.0))
+    il = _image_list([(200, 190), (170, 210)], device=device)
+    fms = _feature_maps(il, [8, 32], dtype=dtype)
+    a = visionops.AnchorGenerator(sizes, ratios, backend=backend)(il, fms)
+    b = TVAnchorGenerator(sizes, ratios)(il, fms)
+    for x, y in zip(a, b):
+        assert x.dtype == dtype and x.device == y.device
+        torch.testing.assert_close(x, y, **_tol(dtype))
 
 
 def test_default_torchvision_fpn_config_and_own_tensors():
@@ -153,34 +246,21 @@ def test_cell_anchors(rounded):
     assert c.shape == (9, 4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("offset", [0.0, 0.5])
-def test_grid_anchors_matches_reference(device, dtype, contiguous, offset):
-    cells = [
-        visionops.cell_anchors((16, 40), (0.5, 1.0), rounded=False, dtype=dtype, device=device),
-        visionops.cell_anchors((100,), (1.0, 3.0), dtype=dtype, device=device),
-    ]
-    if not contiguous:
-        cells = [c.t().contiguous().t() for c in cells]
-        assert not cells[0].is_contiguous()
-    feats, strides = [(7, 5), (3, 4)], [(8, 6), (16.5, 16)]
-    ref = reference.grid_anchors(feats, strides, cells, offset)
-    for backend in backends_for(device):
-        out = visionops.grid_anchors(feats, strides, cells, offset, backend=backend)
-        assert out.shape == (7 * 5 * 4 + 3 * 4 * 2, 4) and out.dtype == dtype and out.is_contiguous()
-        # The Triton interpreter's float32 -> bfloat16 cast breaks exact ties differently from round-half-even.
-        exact = not (backend == "triton" and device == "cpu" and dtype == torch.bfloat16)
-        torch.testing.assert_close(out, ref, **(dict(rtol=0, atol=0) if exact else _tol(dtype)))
-    # order: level, then row-major location, then cell anchor
-    out = visionops.grid_anchors(feats, strides, cells, offset)
+def test_grid_anchors_order(offset):
+    """Level, then row-major location, then cell anchor; shift (x + offset) * stride_w, (y + offset) * stride_h."""
+    cells = [visionops.cell_anchors((16, 40), (0.5, 1.0), rounded=False), visionops.cell_anchors((100,), (1.0, 3.0))]
+    out = visionops.grid_anchors([(7, 5), (3, 4)], [(8, 6), (16.5, 16)], cells, offset)
+    assert out.shape == (7 * 5 * 4 + 3 * 4 * 2, 4) and out.is_contiguous()
     x, y = 3, 2
     row = (y * 5 + x) * 4 + 1
-    expect = cells[0][1].to(torch.float64) + torch.tensor(
-        [(x + offset) * 6, (y + offset) * 8] * 2, dtype=torch.float64, device=device
+    expect = cells[0][1].to(torch.float64) + torch.tensor([(x + offset) * 6, (y + offset) * 8] * 2, dtype=torch.float64)
+    torch.testing.assert_close(out[row].double(), expect, rtol=0, atol=0)
+    row = 7 * 5 * 4 + (2 * 4 + 3) * 2 + 1  # level 1, y = 2, x = 3, cell 1
+    expect = cells[1][1].to(torch.float64) + torch.tensor(
+        [(3 + offset) * 16, (2 + offset) * 16.5] * 2, dtype=torch.float64
     )
-    torch.testing.assert_close(out[row].double(), expect, **_tol(dtype))
+    torch.testing.assert_close(out[row].double(), expect.float().double(), rtol=0, atol=0)
 
 
 def test_grid_anchors_matches_torchvision_method():
@@ -221,7 +301,7 @@ def test_default_box_generator_matches_torchvision(seed, dtype):
     assert a[0].data_ptr() != a[1].data_ptr()
 
 
-def test_bad_inputs():
+def test_bad_inputs_modules_and_cell_anchors():
     with pytest.raises(ValueError, match="sizes and aspect_ratios"):
         visionops.AnchorGenerator(((32,), (64,)), ((1.0,), (1.0,), (2.0,)))
     with pytest.raises(ValueError, match="sizes"):
@@ -233,19 +313,6 @@ def test_bad_inputs():
     gen = visionops.AnchorGenerator(((32,), (64,)), ((1.0,), (1.0,)))
     with pytest.raises(ValueError, match="feature maps"):
         gen(_image_list([(64, 64)]), [torch.zeros(1, 1, 8, 8)])
-    cells = [visionops.cell_anchors((32,), (1.0,))]
-    with pytest.raises(ValueError, match="feature_sizes, strides and cell_anchors"):
-        visionops.grid_anchors([(4, 4), (2, 2)], [(8, 8)], cells)
-    with pytest.raises(ValueError, match=r"strides\[0\]"):
-        visionops.grid_anchors([(4, 4)], [(-8, 8)], cells)
-    with pytest.raises(ValueError, match=r"feature_sizes\[0\]"):
-        visionops.grid_anchors([(4, 4, 1)], [(8, 8)], cells)
-    with pytest.raises(TypeError, match="cell_anchors"):
-        visionops.grid_anchors([(4, 4)], [(8, 8)], [[[0, 0, 1, 1]]])
-    with pytest.raises(ValueError, match="cell_anchors"):
-        visionops.grid_anchors([(4, 4)], [(8, 8)], [torch.zeros(3, 5)])
-    with pytest.raises(ValueError, match="backend"):
-        visionops.grid_anchors([(4, 4)], [(8, 8)], cells, backend="cuda")
     with pytest.raises(ValueError, match="steps"):
         visionops.DefaultBoxGenerator([[2], [3]], steps=[8])
 
@@ -256,8 +323,9 @@ def _op_args(dtype=torch.float32):
     return (cells, [4, 1], [5, 6, 2, 3], [8.0, 8.0, 16.0, 16.0], 0.5, 2, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_opcheck_grid_anchors(dtype):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_opcheck_grid_anchors_images_and_dtypes(dtype):
+    """The op's num_images and dtype arguments (the public call passes 1 and the cells' dtype)."""
     torch.library.opcheck(torch.ops.visionops.grid_anchors.default, _op_args(dtype))
 
 
@@ -273,31 +341,12 @@ def test_opcheck_triton_grid_anchors():
     assert torch.equal(out.cpu(), torch.ops.visionops.grid_anchors(*_op_args()))
 
 
-def test_torch_compile_grid_anchors():
-    cells = [visionops.cell_anchors((32, 64), (0.5, 1.0, 2.0)), visionops.cell_anchors((128,), (1.0,))]
-
-    def fn(c0, c1):
-        return visionops.grid_anchors([(12, 10), (6, 5)], [(8, 8), (16, 16)], [c0, c1], 0.5) * 2
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(*cells), fn(*cells))
-    # the module as a detection model calls it
+def test_torch_compile_anchor_generator():
     gen = visionops.AnchorGenerator(((32,), (64,)), ((0.5, 1.0),) * 2)
     il = _image_list([(64, 96), (60, 90)])
     fms = _feature_maps(il, [8, 16])
     out = torch.compile(lambda i, f: gen(i, f), fullgraph=True, backend="aot_eager")(il, fms)
     assert all(torch.equal(x, y) for x, y in zip(out, gen(il, fms)))
-
-
-def test_torch_export_grid_anchors():
-    class M(torch.nn.Module):
-        def forward(self, cells):
-            return torch.ops.visionops.grid_anchors(cells, [3], [4, 5], [8.0, 8.0], 0.0, 2, torch.float32)
-
-    cells = visionops.cell_anchors((32,), (0.5, 1.0, 2.0))
-    ep = torch.export.export(M(), (cells,))
-    assert "visionops.grid_anchors" in str(ep.graph)
-    assert torch.equal(ep.module()(cells), M()(cells))
 
 
 @needs_cuda

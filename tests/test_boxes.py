@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import visionops
-from helpers import DEVICES, FLOAT_DTYPES, random_boxes
+from visionops.testing import DEVICES, FLOAT_DTYPES, random_boxes
 
 FORMATS = ["xyxy", "xywh", "cxcywh"]
 

@@ -1,154 +1,134 @@
-"""roi_align: every backend against the float64 reference and torchvision, gradients, registrations, bad input."""
+"""roi_align: the conformance suite (every backend against the float64 reference and torchvision, gradients,
+registrations, bad input), then the cases it does not cover: modules, 1x1 maps, NaN boxes, thread counts, autocast,
+Triton's deterministic backward, CUDA-only behaviour."""
 
 import pytest
 import torch
 import torchvision
-from helpers import DEVICES, FLOAT_DTYPES, backends_for, needs_cuda, triton_devices
 
 import visionops
 from visionops import reference
-
-TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-
-
-def tol(dtype, backend):
-    """Triton computes in float32 whatever the input dtype."""
-    return max(TOL[dtype], 1e-4) if backend == "triton" else TOL[dtype]
-
-
-def make_case(seed, *, n=2, c=3, h=9, w=11, k=12, scale=0.5, dtype=torch.float32, device="cpu"):
-    """Features and RoIs (image coordinates) covering the awkward cases: RoIs partly or wholly outside the map,
-    zero width/height, negative coordinates, inverted corners."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
-    span_x, span_y = w / scale, h / scale
-    xy = (torch.rand(k, 2, generator=g, dtype=torch.float64) * 1.6 - 0.3) * torch.tensor([span_x, span_y])
-    wh = torch.rand(k, 2, generator=g, dtype=torch.float64) * torch.tensor([span_x, span_y]) * 0.7
-    boxes = torch.cat([xy, xy + wh], 1)
-    if k >= 4:
-        boxes[0, 2] = boxes[0, 0]  # zero width
-        boxes[1, 3] = boxes[1, 1]  # zero height
-        boxes[2] = torch.tensor([-3 * span_x, -3 * span_y, -2 * span_x, -2 * span_y])  # wholly outside
-        boxes[3, :2], boxes[3, 2:] = boxes[3, 2:].clone(), boxes[3, :2].clone()  # inverted
-    idx = torch.randint(0, n, (k, 1), generator=g).to(torch.float64)
-    rois = torch.cat([idx, boxes], 1)
-    return x.to(dtype=dtype, device=device), rois.to(dtype=dtype, device=device)
+from visionops.ops._checks import check_pair
+from visionops.testing import (
+    Bad,
+    OpConformance,
+    backends_for,
+    deterministic,
+    make_large_rois,
+    make_rois,
+    needs_cuda,
+    num_threads,
+    triton_devices,
+)
 
 
-def small(backend):
-    """The Triton interpreter runs each program in Python: keep its cases tiny."""
-    return dict(k=5, h=6, w=7) if backend == "triton" else {}
+def _seed(g):
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=g))
 
 
-CONFIGS = [(-1, False), (0, True), (1, False), (2, True), (3, False)]
+class TestRoIAlign(OpConformance):
+    op = "roi_align"
+    covers = ("RoIAlign",)
+    layouts = ("contiguous", "channels_last", "non_contiguous")
+    # (sampling_ratio, aligned, output_size, large). "large": RoIs much larger than output_size x 4 cells, so bins
+    # span 4+ cells per axis (the kernels' per-sample path) and the CPU backward has work on every thread.
+    configs = {
+        "sr-1": (-1, False, (3, 4), False),
+        "sr0_aligned": (0, True, (3, 4), False),
+        "sr1": (1, False, 2, False),
+        "sr2_aligned": (2, True, 3, False),
+        "large_sr0": (0, False, 2, True),
+        "large_sr2_aligned": (2, True, (2, 3), True),
+    }
+    configs_interpreted = ("sr-1", "sr2_aligned", "large_sr2_aligned")
+    threads = (1, 2)  # the C++ forward and backward at one and two threads (each must match the reference)
+    has_grad = True
+    grad_inputs = (0,)
+    triton_float32 = True
+    torchvision_dtypes = (torch.float64, torch.float32, torch.float16)
+    torchvision_configs = ("sr-1", "sr2_aligned", "large_sr2_aligned")
+    slow = (("test_gradcheck", "triton"),)  # interpreted Triton: ~1 s per forward
+    tolerances = {
+        torch.float64: dict(rtol=1e-9, atol=1e-9),
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.float16: dict(rtol=1e-2, atol=1e-2),
+        torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+    }
+
+    def fn(self, x, rois, output_size, scale, sampling_ratio, aligned, *, backend):
+        return visionops.roi_align(x, rois, output_size, scale, sampling_ratio, aligned, backend=backend)
+
+    def reference(self, x, rois, output_size, scale, sampling_ratio, aligned):
+        return reference.roi_align(x, rois, scale, *check_pair("output_size", output_size), sampling_ratio, aligned)
+
+    def torchvision_fn(self, x, rois, output_size, scale, sampling_ratio, aligned):
+        up = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        out = torchvision.ops.roi_align(up, rois.to(up.dtype), output_size, scale, sampling_ratio, aligned)
+        return out.to(x.dtype)
+
+    def make_inputs(self, device, dtype, generator, size, config):
+        sr, aligned, output_size, large = config
+        seed = _seed(generator)
+        if large and size == "full":
+            x, rois = make_large_rois(seed, dtype=dtype, device=device)
+        elif large:  # bins still span several cells
+            x, rois = make_large_rois(seed, c=2, h=16, w=16, k=2, dtype=dtype, device=device)
+        else:
+            shape = {"full": {}, "small": dict(k=3, h=6, w=7), "tiny": dict(c=2, h=5, w=6, k=5)}[size]
+            x, rois = make_rois(seed, dtype=dtype, device=device, **shape)
+        if size == "small":  # interpreted Triton runs a Python program per (RoI, bin): few of each
+            output_size = (2, 3)
+        return x, rois, output_size, 0.5, sr, aligned
+
+    def empty_inputs(self, device, dtype):
+        x, rois = make_rois(0, dtype=dtype, device=device)
+        return {"no_rois": (x, rois[:0], 2, 0.5, -1, False), "no_channels": (x[:, :0], rois, (2, 3), 0.5, 2, True)}
+
+    def bad_inputs(self):
+        x, rois = make_rois(0)
+        ra = visionops.roi_align
+        native = ("cpp", "reference")  # batch indices are range-checked on the CPU (Triton: zeros, as on CUDA)
+        return [
+            Bad(
+                "batch_index_too_large",
+                lambda b: ra(x, torch.tensor([[2.0, 0, 0, 4, 4]]), 2, backend=b),
+                IndexError,
+                "batch index",
+                native,
+            ),
+            Bad(
+                "batch_index_negative",
+                lambda b: ra(x, torch.tensor([[-1.0, 0, 0, 4, 4]]), 2, backend=b),
+                IndexError,
+                "batch index",
+                native,
+            ),
+            Bad("boxes_4_columns", lambda b: ra(x, rois[:, :4], 2, backend=b), ValueError, "boxes"),
+            Bad("boxes_list_3_columns", lambda b: ra(x, [rois[:, :3]], 2, backend=b), ValueError, r"boxes\[0\]"),
+            Bad("boxes_integer", lambda b: ra(x, rois.long(), 2, backend=b), TypeError, "boxes"),
+            Bad("output_size_zero", lambda b: ra(x, rois, 0, backend=b), ValueError, "output_size"),
+            Bad("output_size_negative", lambda b: ra(x, rois, (3, -1), backend=b), ValueError, "output_size"),
+            Bad("output_size_float", lambda b: ra(x, rois, 2.5, backend=b), TypeError, "output_size"),
+            Bad(
+                "input_empty_map",
+                lambda b: ra(x[:, :, :0], rois, 2, backend=b),
+                ValueError,
+                "input.*non-empty feature map",
+            ),
+            Bad("input_3d", lambda b: ra(x[0], rois, 2, backend=b), ValueError, "input"),
+            Bad("input_integer", lambda b: ra(x.long(), rois, 2, backend=b), TypeError, "input"),
+            Bad("sampling_ratio_float", lambda b: ra(x, rois, 2, 1.0, 1.5, backend=b), TypeError, "sampling_ratio"),
+            Bad("spatial_scale_string", lambda b: ra(x, rois, 2, "1", backend=b), TypeError, "spatial_scale"),
+            Bad("backend_unknown", lambda b: ra(x, rois, 2, backend="nope"), ValueError, "backend"),
+            Bad("boxes_other_device", lambda b: ra(x, rois.to("meta"), 2, backend=b), ValueError, "boxes.*device"),
+        ]
 
 
-def configs(backend):
-    return CONFIGS[::2] if backend == "triton" else CONFIGS
-
-
-def layout(x, how):
-    if how == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if how == "strided":  # same values, every stride doubled
-        return torch.stack([x, x], -1)[..., 0]
-    return x
-
-
-def ref(x, rois, *args):
-    return reference.roi_align(x.double().cpu(), rois.double().cpu(), *args)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("how", ["contiguous", "channels_last", "strided"])
-def test_forward_matches_reference(device, dtype, how):
-    for backend in backends_for(device):
-        for seed, (sr, aligned) in enumerate(configs(backend)):
-            x, rois = make_case(seed, dtype=dtype, device=device, **small(backend))
-            x = layout(x, how)
-            out = visionops.roi_align(x, rois, (3, 4), 0.5, sr, aligned, backend=backend)
-            assert out.dtype == dtype and out.shape == (rois.shape[0], 3, 3, 4)
-            expect = ref(x, rois, 0.5, 3, 4, sr, aligned)
-            t = tol(dtype, backend)
-            torch.testing.assert_close(out.double().cpu(), expect, atol=t, rtol=t)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-def test_matches_torchvision(device, dtype):
-    for backend in backends_for(device):
-        x, rois = make_case(7, dtype=dtype, device=device, **(small(backend) or dict(k=30)))
-        for aligned in (False, True):
-            for sr in (-1, 2):
-                for size in ((2, 3), 7)[: 1 if backend == "triton" else 2]:
-                    ours = visionops.roi_align(x, rois, size, 0.5, sr, aligned, backend=backend)
-                    tv = torchvision.ops.roi_align(x.float(), rois.float(), size, 0.5, sr, aligned).to(dtype)
-                    t = max(tol(dtype, backend), 1e-5)
-                    torch.testing.assert_close(ours, tv, atol=t, rtol=t)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_input_gradient(device, dtype):
-    for backend in backends_for(device):
-        for seed, (sr, aligned) in enumerate(configs(backend)):
-            x, rois = make_case(seed + 10, dtype=dtype, device=device, **small(backend))
-            x.requires_grad_(True)
-            out = visionops.roi_align(x, rois, 3, 0.5, sr, aligned, backend=backend)
-            go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
-            (gx,) = torch.autograd.grad(out, x, go)
-            xr = x.detach().double().cpu().requires_grad_(True)
-            reference.roi_align(xr, rois.double().cpu(), 0.5, 3, 3, sr, aligned).backward(go.double().cpu())
-            t = tol(dtype, backend) * 4
-            torch.testing.assert_close(gx.double().cpu(), xr.grad, atol=t, rtol=t)
-
-
-def test_gradient_matches_torchvision():
-    x, rois = make_case(3, k=40)
-    x.requires_grad_(True)
-    go = torch.randn(40, 3, 7, 7)
-    (ours,) = torch.autograd.grad(visionops.roi_align(x, rois, 7, 0.5, 2, True), x, go)
-    (tv,) = torch.autograd.grad(torchvision.ops.roi_align(x, rois, 7, 0.5, 2, True), x, go)
-    torch.testing.assert_close(ours, tv, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gradcheck(device, seed):
-    for backend in backends_for(device):
-        if backend != "cpp":  # reference: autograd itself; triton: compared with the reference's gradient above
-            continue
-        x, rois = make_case(seed, c=2, h=5, w=6, k=5, dtype=torch.float64, device=device)
-        x.requires_grad_(True)
-        sr, aligned = [(-1, False), (2, True), (1, True)][seed]
-        assert torch.autograd.gradcheck(lambda t: visionops.roi_align(t, rois, 2, 0.5, sr, aligned), x)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif("triton" not in backends_for("cpu") + backends_for(DEVICES[-1]), reason="needs triton")
-def test_gradcheck_triton():
-    # Triton computes in float32; roi_align is linear in input, so a wide step keeps the differences exact.
-    device = DEVICES[-1]
-    x, rois = make_case(0, c=1, h=4, w=5, k=3, dtype=torch.float64, device=device)
-    x.requires_grad_(True)
-    fn = lambda t: visionops.roi_align(t, rois, 2, 0.5, 2, True, backend="triton")  # noqa: E731
-    assert torch.autograd.gradcheck(fn, x, eps=1e-2, atol=1e-3, rtol=1e-3)
-
-
-def test_opcheck():
-    x, rois = make_case(0)
-    for aligned in (False, True):
-        torch.library.opcheck(
-            torch.ops.visionops.roi_align.default, (x.requires_grad_(True), rois, 0.5, 3, 3, 2, aligned)
-        )
-        x = x.detach()
-    go = torch.randn(12, 3, 3, 3)
-    torch.library.opcheck(torch.ops.visionops._roi_align_backward.default, (go, rois, 0.5, 3, 3, 2, 3, 9, 11, -1, True))
+# ---- beyond the conformance suite --------------------------------------------------------------------------------
 
 
 def test_boxes_list_form_and_modules():
-    x, rois = make_case(4, k=10)
+    x, rois = make_rois(4, k=10)
     per_image = [rois[rois[:, 0] == i, 1:] for i in range(2)]
     order = torch.cat([torch.nonzero(rois[:, 0] == i).flatten() for i in range(2)])
     expect = visionops.roi_align(x, rois[order], 3, 0.5, 2)
@@ -159,54 +139,44 @@ def test_boxes_list_form_and_modules():
     assert "sampling_ratio=2" in repr(visionops.RoIAlign(3, 0.5, 2))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_one_by_one_map_and_empty(device):
-    for backend in backends_for(device):
-        x = torch.randn(2, 4, 1, 1, device=device)
-        rois = torch.tensor([[1, -2.0, -2.0, 3.0, 3.0], [0, 0.0, 0.0, 0.4, 0.4]], device=device)
-        torch.testing.assert_close(
-            visionops.roi_align(x, rois, 2, 1.0, -1, True, backend=backend).cpu(),
-            ref(x, rois, 1.0, 2, 2, -1, True).float(),
-            atol=1e-5,
-            rtol=1e-5,
-        )
-        assert visionops.roi_align(x, rois[:0], 2, backend=backend).shape == (0, 4, 2, 2)
-        assert visionops.roi_align(x[:, :0], rois, 2, backend=backend).shape == (2, 0, 2, 2)
-        xe = x.requires_grad_(True)
-        out = visionops.roi_align(xe, rois[:0], 2, backend=backend)
-        out.sum().backward()
-        assert xe.grad.shape == xe.shape and not xe.grad.any()
+@pytest.mark.parametrize("backend", backends_for("cpu", "roi_align"))
+def test_one_by_one_map(backend):
+    x = torch.randn(2, 4, 1, 1, generator=torch.Generator().manual_seed(0))
+    rois = torch.tensor([[1, -2.0, -2.0, 3.0, 3.0], [0, 0.0, 0.0, 0.4, 0.4]])
+    expect = reference.roi_align(x.double(), rois.double(), 1.0, 2, 2, -1, True)
+    torch.testing.assert_close(
+        visionops.roi_align(x, rois, 2, 1.0, -1, True, backend=backend), expect.float(), atol=1e-5, rtol=1e-5
+    )
 
 
-def test_no_gradient_to_boxes_and_no_double_backward():
-    x, rois = make_case(5, dtype=torch.float64)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_no_gradient_to_boxes_and_no_double_backward(backend):
+    if backend not in backends_for("cpu", "roi_align"):
+        pytest.skip("needs triton")
+    x, rois = make_rois(5, dtype=torch.float64, k=4, h=5, w=6)
     x.requires_grad_(True)
     rois.requires_grad_(True)
-    out = visionops.roi_align(x, rois, 2, 0.5, 2)
+    out = visionops.roi_align(x, rois, 2, 0.5, 2, backend=backend)
     gx, gb = torch.autograd.grad(out.sum(), (x, rois), create_graph=True, allow_unused=True)
     assert gb is None
     with pytest.raises(RuntimeError, match="double backward"):
         gx.sum().backward()
 
 
-def test_cpu_backward_deterministic_across_thread_counts():
-    x, rois = make_case(6, c=40, h=20, w=24, k=300)
-    go = torch.randn(300, 40, 5, 5)
-    old = torch.get_num_threads()
+def test_cpu_backward_bit_identical_across_thread_counts():
+    x, rois = make_rois(6, c=40, h=20, w=24, k=300)
+    go = torch.randn(300, 40, 5, 5, generator=torch.Generator().manual_seed(0))
     grads = []
-    try:
-        for threads in (1, 2, 3, 1):
-            torch.set_num_threads(threads)
+    for threads in (1, 2, 3, 1):
+        with num_threads(threads):
             grads.append(torch.ops.visionops._roi_align_backward(go, rois, 0.5, 5, 5, 2, 40, 20, 24, -1, True))
-    finally:
-        torch.set_num_threads(old)
     for g in grads[1:]:
         assert torch.equal(g, grads[0])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_autocast_half_features_float_boxes(device):
-    x, rois = make_case(8, device=device)
+    x, rois = make_rois(8, device=device)
     dtype = torch.bfloat16 if device == "cpu" else torch.float16
     with torch.autocast(device, dtype=dtype):
         out = visionops.roi_align(x.to(dtype), rois, 3, 0.5, 2, True)
@@ -216,96 +186,147 @@ def test_autocast_half_features_float_boxes(device):
     )
 
 
-def test_nan_inf_boxes_are_defined():
-    x, rois = make_case(9, k=6)
+# Op bug (Triton backend, left for the op owners): with a fixed sampling_ratio a RoI with a NaN or infinite corner
+# still takes samples; their bilinear weights are NaN and the kernels multiply them by the masked-out (0) taps, so
+# the output and the input gradient are NaN instead of the documented zeros (visionops/triton/roi.py: _axis keeps
+# the weights of an invalid sample). The adaptive grid (sampling_ratio <= 0) has no samples there and passes.
+_TRITON_NAN_SAMPLES = pytest.mark.xfail(
+    strict=True,
+    reason="Triton RoIAlign: NaN/inf RoI with sampling_ratio > 0 gives NaN (NaN weight x masked tap) instead of zeros",
+)
+
+
+@pytest.mark.parametrize(
+    "backend,sr",
+    [
+        pytest.param(b, sr, marks=_TRITON_NAN_SAMPLES if (b, sr) == ("triton", 2) else ())
+        for b in backends_for("cpu", "roi_align")
+        for sr in (-1, 2)
+    ],
+)
+def test_nan_inf_boxes_are_defined(backend, sr):
+    """A sample at a NaN coordinate, or in a RoI whose grid is not finite, contributes nothing: forward and
+    gradient equal the reference's (finite; exactly zero for the NaN RoI)."""
+    x, rois = make_rois(9, k=5, h=6, w=7, dtype=torch.float64)
     rois[0, 1] = float("nan")
     rois[1, 3] = float("inf")
     rois[2, 2] = -float("inf")
-    for sr in (-1, 2):
-        out = visionops.roi_align(x, rois, 3, 0.5, sr, True)
-        torch.testing.assert_close(out, ref(x, rois, 0.5, 3, 3, sr, True).float(), atol=1e-5, rtol=1e-5)
-        assert torch.isfinite(out).all()
+    go = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    xg = x.clone().requires_grad_(True)
+    out = visionops.roi_align(xg, rois, 2, 0.5, sr, True, backend=backend)
+    (g,) = torch.autograd.grad(out, xg, go)
+    xr = x.clone().requires_grad_(True)
+    expect = reference.roi_align(xr, rois, 0.5, 2, 2, sr, True)
+    (ge,) = torch.autograd.grad(expect, xr, go)
+    tol = 1e-5 if backend == "triton" else 1e-9
+    torch.testing.assert_close(out, expect, atol=tol, rtol=tol)
+    torch.testing.assert_close(g, ge, atol=tol, rtol=tol)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    assert not out[0].any()
+    (g0,) = torch.autograd.grad(visionops.roi_align(xg, rois[:1], 2, 0.5, sr, True, backend=backend), xg, go[:1])
+    assert not g0.any(), "the NaN RoI sends no gradient"
 
 
-def test_bad_inputs():
-    x, rois = make_case(0)
-    with pytest.raises(IndexError, match="batch index"):
-        visionops.roi_align(x, torch.tensor([[2.0, 0, 0, 4, 4]]), 2)
-    with pytest.raises(IndexError, match="batch index"):
-        visionops.roi_align(x, torch.tensor([[-1.0, 0, 0, 4, 4]]), 2)
-    with pytest.raises(ValueError, match="boxes"):
-        visionops.roi_align(x, rois[:, :4], 2)
-    with pytest.raises(ValueError, match=r"boxes\[0\]"):
-        visionops.roi_align(x, [rois[:, :3]], 2)
-    with pytest.raises(TypeError, match="boxes"):
-        visionops.roi_align(x, rois.long(), 2)
-    with pytest.raises(ValueError, match="output_size"):
-        visionops.roi_align(x, rois, 0)
-    with pytest.raises(ValueError, match="output_size"):
-        visionops.roi_align(x, rois, (3, -1))
-    with pytest.raises(TypeError, match="output_size"):
-        visionops.roi_align(x, rois, 2.5)
-    with pytest.raises(ValueError, match="non-empty feature map"):
-        visionops.roi_align(x[:, :, :0], rois, 2)
-    with pytest.raises(ValueError, match="input"):
-        visionops.roi_align(x[0], rois, 2)
-    with pytest.raises(TypeError, match="input"):
-        visionops.roi_align(x.long(), rois, 2)
-    with pytest.raises(TypeError, match="sampling_ratio"):
-        visionops.roi_align(x, rois, 2, 1.0, 1.5)
-    with pytest.raises(ValueError, match="backend"):
-        visionops.roi_align(x, rois, 2, backend="nope")
-    with pytest.raises(ValueError, match="device"):
-        visionops.roi_align(x, rois.to("meta"), 2)
+# ---- Triton: the deterministic (fixed-point) backward --------------------------------------------------------------
+
+needs_triton = pytest.mark.skipif(not triton_devices(), reason="needs triton (CUDA, or TRITON_INTERPRET=1)")
+TRITON_DEVICE = (triton_devices() or ["cpu"])[0]
 
 
-def test_torch_compile():
-    x, rois = make_case(1)
-    fn = torch.compile(lambda x, r: visionops.roi_align(x, r, 3, 0.5, 2, True), fullgraph=True)
-    torch.testing.assert_close(fn(x, rois), visionops.roi_align(x, rois, 3, 0.5, 2, True))
+def _triton_backward(go, x, rois, det):
+    with deterministic(det):
+        return torch.ops.visionops.triton_roi_align_backward(go, rois, 0.5, 2, 3, *x.shape, 2, True)
 
 
-def test_torch_export():
-    x, rois = make_case(2)
-    ep = torch.export.export(visionops.RoIAlign(3, 0.5, -1, True), (x, rois))
-    torch.testing.assert_close(ep.module()(x, rois), visionops.roi_align(x, rois, 3, 0.5, -1, True))
+@needs_triton
+def test_triton_deterministic_backward():
+    x, rois = make_rois(0, k=4, h=6, w=7, c=2, device=TRITON_DEVICE)
+    go = torch.randn(4, 2, 2, 3, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
+    det = _triton_backward(go, x, rois, True)
+    assert det.dtype == torch.float32 and det.shape == x.shape
+    assert torch.equal(det, _triton_backward(go, x, rois, True))  # run to run
+    perm = torch.randperm(4, generator=torch.Generator().manual_seed(2)).to(TRITON_DEVICE)
+    assert torch.equal(det, _triton_backward(go[perm], x, rois[perm], True))  # whatever order the RoIs come in
+    scale = go.abs().max().item()
+    torch.testing.assert_close(det, _triton_backward(go, x, rois, False), rtol=1e-6, atol=1e-6 * scale)
+    xr = x.detach().double().cpu().requires_grad_(True)
+    (expect,) = torch.autograd.grad(
+        reference.roi_align(xr, rois.double().cpu(), 0.5, 2, 3, 2, True), xr, go.double().cpu()
+    )
+    torch.testing.assert_close(det.double().cpu(), expect, rtol=1e-6, atol=1e-6 * scale)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_triton_deterministic_backward_keeps_grad_dtype(dtype):
+    x, rois = make_rois(1, k=3, h=5, w=6, c=2, dtype=dtype, device=TRITON_DEVICE)
+    go = torch.randn(3, 2, 2, 3, generator=torch.Generator().manual_seed(3)).to(TRITON_DEVICE, dtype)
+    det = _triton_backward(go, x, rois, True)
+    assert det.dtype == dtype
+    t = 1e-6 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(det, _triton_backward(go, x, rois, False), rtol=t, atol=t)
+
+
+@needs_triton
+def test_triton_deterministic_backward_non_finite_like_float_sum():
+    x, rois = make_rois(2, k=4, h=5, w=6, device=TRITON_DEVICE)
+    rois[:, 1:] = torch.tensor([1.0, 1.0, 9.0, 7.0])  # all RoIs on the same cells, so specials meet
+    go = torch.randn(4, 3, 2, 3, generator=torch.Generator().manual_seed(4)).to(TRITON_DEVICE)
+    go[0, 0, 0, 0] = float("nan")
+    go[1, 1, 0, 1] = float("inf")
+    go[2, 1, 1, 2] = float("inf")
+    go[3, 2, 1, 1] = -float("inf")
+    go[2, 2, 1, 1] = float("inf")  # meets the -inf: NaN
+    det = _triton_backward(go, x, rois, True)
+    fl = _triton_backward(go, x, rois, False)
+    assert det.isnan().any() and det.isinf().any()
+    assert torch.equal(det.isnan(), fl.isnan()) and torch.equal(det.isinf(), fl.isinf())
+    torch.testing.assert_close(det, fl, rtol=1e-6, atol=1e-5, equal_nan=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("det", [False, True])
+def test_triton_backward_no_rois(det):
+    x, rois = make_rois(0, k=0, device=TRITON_DEVICE)
+    go = torch.zeros(0, 3, 2, 3, device=TRITON_DEVICE)
+    g = _triton_backward(go, x, rois, det)
+    assert g.shape == x.shape and not g.any()
+    with deterministic(det):
+        xg = x.clone().requires_grad_(True)
+        out = visionops.roi_align(xg, rois, (2, 3), 0.5, 2, True, backend="triton")
+        out.sum().backward()
+    assert out.shape == (0, 3, 2, 3) and not xg.grad.any()
+
+
+# ---- CUDA ------------------------------------------------------------------------------------------------------------
 
 
 @needs_cuda
 def test_cuda_deterministic_backward_bit_identical():
-    x, rois = make_case(3, c=16, h=30, w=40, k=500, device="cuda")
+    x, rois = make_rois(3, c=16, h=30, w=40, k=500, device="cuda")
     go = torch.randn(500, 16, 7, 7, device="cuda")
     args = (go, rois, 0.5, 7, 7, 2, 16, 30, 40, 2, True)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         a = torch.ops.visionops._roi_align_backward(*args)
         b = torch.ops.visionops._roi_align_backward(*args)
-    finally:
-        torch.use_deterministic_algorithms(False)
     assert torch.equal(a, b)
     torch.testing.assert_close(a, torch.ops.visionops._roi_align_backward(*args), atol=1e-5, rtol=1e-5)
 
 
 @needs_cuda
-def test_cuda_invalid_batch_index_gives_zeros():
-    x, rois = make_case(3, device="cuda")
+def test_cuda_invalid_batch_index_gives_zeros_and_no_gradient():
+    """On CUDA an out-of-range batch index is not checked (a sync): that RoI pools zeros and sends no gradient, so
+    the input gradient is exactly the other RoIs' gradient."""
+    x, rois = make_rois(3, device="cuda", dtype=torch.float64)
     rois[0, 0] = 5
-    x.requires_grad_(True)
-    out = visionops.roi_align(x, rois, 2, 0.5)
-    assert not out[0].any()
-    out.sum().backward()
-    assert torch.isfinite(x.grad).all()
-
-
-@pytest.mark.skipif(not triton_devices(), reason="needs triton")
-def test_opcheck_triton_ops():
-    import visionops.triton.roi  # noqa: F401  (registers the triton_* ops)
-
-    ops = torch.ops.visionops
-    device = triton_devices()[0]
-    x, rois = make_case(0, c=2, h=4, w=5, k=2, device=device)
-    go = torch.randn(2, 2, 2, 2, device=device)
-    torch.library.opcheck(ops.triton_roi_align.default, (x.clone().requires_grad_(True), rois, 0.5, 2, 2, 2, True))
-    torch.library.opcheck(ops.triton_roi_align_backward.default, (go, rois, 0.5, 2, 2, 2, 2, 4, 5, -1, False))
-    torch.library.opcheck(ops.triton_roi_pool.default, (x.clone().requires_grad_(True), rois, 0.5, 2, 2))
-    torch.library.opcheck(ops.triton_roi_pool_backward.default, (go, x, rois, 0.5, 2, 2))
+    rois[1, 0] = -1
+    go = torch.randn(rois.shape[0], 3, 2, 2, device="cuda", dtype=torch.float64)
+    xg = x.clone().requires_grad_(True)
+    out = visionops.roi_align(xg, rois, 2, 0.5)
+    assert not out[:2].any()
+    (g,) = torch.autograd.grad(out, xg, go)
+    xr = x.detach().cpu().requires_grad_(True)
+    expect = reference.roi_align(xr, rois[2:].cpu(), 0.5, 2, 2, -1, False)
+    (ge,) = torch.autograd.grad(expect, xr, go[2:].cpu())
+    torch.testing.assert_close(out[2:].cpu(), expect, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(g.cpu(), ge, atol=1e-9, rtol=1e-9)
