@@ -133,18 +133,6 @@ class TestBatchedNms(OpConformance):
     torchvision_dtypes = tuple(FLOAT_DTYPES)
     interpreted_cheap = True
 
-    def expected_failure(self, test, case):
-        # Op bug (visionops/reference/nms.py batched_nms, left for the op owners): the reference returns tied kept
-        # boxes class by class (torch.unique order, then a stable sort by score), torchvision and the kernels by
-        # input index. Ties: the tied-score configs, and bfloat16 scores (300 distinct values round together).
-        if not test.startswith("test_matches"):
-            return None
-        ties = NMS_CONFIGS[case.config][1] == "ties" or (case.dtype == torch.bfloat16 and case.backend != "triton")
-        involved = (test == "test_matches_reference") != (case.backend == "reference")
-        if ties and involved:
-            return "reference.batched_nms orders tied scores class-major, not by input index as torchvision"
-        return None
-
     def fn(self, boxes, scores, idxs, iou_threshold, *, backend):
         return visionops.batched_nms(boxes, scores, idxs, iou_threshold, backend=backend)
 
@@ -290,14 +278,13 @@ def test_iou_exactly_at_threshold_is_kept(backend, iou):
 @pytest.mark.parametrize("backend", backends_for("cpu"))
 def test_batched_nms_ties_keep_torchvision_boxes(backend, kind, thr):
     """Tied scores: which boxes survive depends on the order ties are visited in (input order, torchvision's stable
-    sort). The kept set is checked apart from its order, which the reference gets wrong for ties (xfail above)."""
+    sort). The kept set, and its scores in order, against torchvision."""
     g = torch.Generator().manual_seed(8)
     boxes, scores = _boxes_and_scores(kind, "ties", 300, g, torch.float32, "cpu")
     idxs = torch.randint(0, 4, (len(boxes),), generator=g)
     got = visionops.batched_nms(boxes, scores, idxs, thr, backend=backend)
     expect = torchvision.ops.batched_nms(boxes, scores, idxs, thr)
-    assert torch.equal(got.sort().values, expect.sort().values)
-    assert torch.equal(scores[got], scores[expect])  # by decreasing score
+    assert torch.equal(got, expect)
 
 
 def test_nms_large_cpu_grid_path():

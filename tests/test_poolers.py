@@ -193,14 +193,8 @@ def test_level_mapper_on_and_between_boundaries(dtype, k_min, k_max, canonical):
     assert torch.equal(ours[: len(on)], expect)
 
 
-# Op bug (visionops/ops/poolers.py LevelMapper, left for the op owners): torchvision's LevelMapper takes box_area,
-# which upcasts float16/bfloat16 boxes to float32; ours computes the area, sqrt and log2 in the half dtype, so float16
-# boxes wider than 256 px overflow to an infinite area (top level) and boundary boxes round to other levels.
-@pytest.mark.xfail(
-    strict=True,
-    reason="LevelMapper computes half boxes' areas in half precision (torchvision "
-    "upcasts to float32): float16 areas over 65504 overflow, levels differ",
-)
+# torchvision's LevelMapper takes box_area, which upcasts float16/bfloat16 boxes to float32: a float16 area of a
+# box wider than 256 px overflows.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_level_mapper_half_boxes_match_torchvision(dtype):
     sides = torch.rand(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 500 + 1

@@ -186,23 +186,9 @@ def test_autocast_half_features_float_boxes(device):
     )
 
 
-# Op bug (Triton backend, left for the op owners): with a fixed sampling_ratio a RoI with a NaN or infinite corner
-# still takes samples; their bilinear weights are NaN and the kernels multiply them by the masked-out (0) taps, so
-# the output and the input gradient are NaN instead of the documented zeros (visionops/triton/roi.py: _axis keeps
-# the weights of an invalid sample). The adaptive grid (sampling_ratio <= 0) has no samples there and passes.
-_TRITON_NAN_SAMPLES = pytest.mark.xfail(
-    strict=True,
-    reason="Triton RoIAlign: NaN/inf RoI with sampling_ratio > 0 gives NaN (NaN weight x masked tap) instead of zeros",
-)
-
-
 @pytest.mark.parametrize(
     "backend,sr",
-    [
-        pytest.param(b, sr, marks=_TRITON_NAN_SAMPLES if (b, sr) == ("triton", 2) else ())
-        for b in backends_for("cpu", "roi_align")
-        for sr in (-1, 2)
-    ],
+    [pytest.param(b, sr) for b in backends_for("cpu", "roi_align") for sr in (-1, 2)],
 )
 def test_nan_inf_boxes_are_defined(backend, sr):
     """A sample at a NaN coordinate, or in a RoI whose grid is not finite, contributes nothing: forward and

@@ -38,6 +38,8 @@ class LevelMapper:
 
     def __call__(self, boxlists: List[Tensor]) -> Tensor:
         b = torch.cat(boxlists)
+        if b.dtype in (torch.float16, torch.bfloat16):  # as torchvision's box_area: a float16 area overflows past 65504
+            b = b.float()
         s = torch.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
         lvl = torch.floor(self.lvl0 + torch.log2(s / self.s0) + torch.tensor(self.eps, dtype=s.dtype))
         lvl = torch.clamp(lvl, min=self.k_min, max=self.k_max)

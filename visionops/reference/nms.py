@@ -54,7 +54,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     for c in torch.unique(idxs):
         members = torch.nonzero(idxs == c).flatten()
         keep.append(members[nms(boxes[members], scores[members], iou_threshold)])
-    keep = torch.cat(keep)
+    keep = torch.sort(torch.cat(keep)).values  # input order first, so ties keep it (as torchvision's stable sort)
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 

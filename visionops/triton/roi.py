@@ -87,8 +87,9 @@ def _axis(v, size):
     lo = tl.where(last, size - 1, lo)
     hi = tl.where(last, size - 1, lo + 1)
     v = tl.where(last, lo.to(tl.float32), v)
-    w_hi = v - lo.to(tl.float32)
-    return lo, hi, 1.0 - w_hi, w_hi, valid
+    # an invalid (e.g. NaN) sample gets weight 0, not NaN: its taps are masked, and NaN * 0 would still be NaN
+    w_hi = tl.where(valid, v - lo.to(tl.float32), 0.0)
+    return lo, hi, tl.where(valid, 1.0 - w_hi, 0.0), w_hi, valid
 
 
 @triton.jit
