@@ -24,11 +24,12 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
+AUTOCAST_DTYPE = "autocast_dtype"  # OpDef.autocast: run in the dtype of the enclosing torch.autocast region
 
 # (op, device type) -> backend for backend="auto", from the committed numbers in benchmarks/results/; pairs not
 # listed use the C++ kernel. NVIDIA-H200-20261127-bench-cuda.json: the CUDA C++ kernels beat the Triton ones for the
@@ -63,7 +64,9 @@ class OpDef:
     fake: Callable  # shapes only (torch.compile, torch.export, opcheck)
     triton: Optional[str] = None  # module defining visionops::triton_<name> (imported on first use)
     backward: Optional[Backward] = None  # None: no gradient (integer outputs, labels)
-    autocast: Optional[torch.dtype] = None  # under torch.autocast the op's inputs are cast to this (cpu and cuda)
+    # under torch.autocast the op's floating inputs (float64 excepted) are cast to this dtype (cpu and cuda), or, for
+    # AUTOCAST_DTYPE, to the autocast region's own dtype (what torch does for convolutions)
+    autocast: Union[torch.dtype, str, None] = None
     check: Optional[Callable] = None  # schema-level argument checks for the Triton op (the C++ ops check in C++)
 
     @property
@@ -151,7 +154,42 @@ def _register(op: OpDef, backend: str) -> None:
         torch.library.register_autograd(backward, _refuse_double_backward, setup_context=_no_context)
     if op.autocast is not None:
         for device in ("cpu", "cuda"):
-            torch.library.register_autocast(forward, device, op.autocast)
+            if op.autocast == AUTOCAST_DTYPE:
+                _register_autocast_dtype(forward, device)
+            else:
+                torch.library.register_autocast(forward, device, op.autocast)
+
+
+_LIB = None
+
+
+def _cast_floating(args, device: str, dtype: torch.dtype):
+    """``args`` with every floating tensor on ``device`` except float64 ones cast to ``dtype`` (torch's rule)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == device:
+            a = a if a.dtype == torch.float64 else a.to(dtype)
+        elif isinstance(a, (list, tuple)):
+            a = type(a)(_cast_floating(a, device, dtype))
+        out.append(a)
+    return out
+
+
+def _register_autocast_dtype(qual: str, device: str) -> None:
+    """Autocast kernel of ``qual`` on ``device`` casting to the autocast dtype of the call (torch.get_autocast_dtype),
+    as torch's own convolutions do; torch.library.register_autocast only takes a fixed dtype."""
+    global _LIB
+    if _LIB is None:
+        _LIB = torch.library.Library("visionops", "FRAGMENT")
+    key = "Autocast" + torch._C._dispatch_key_for_device(device)
+    guard_keys = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    op = _op(qual)
+
+    def kernel(_keyset, *args):
+        with torch._C._ExcludeDispatchKeyGuard(guard_keys):
+            return op(*_cast_floating(args, device, torch.get_autocast_dtype(device)))
+
+    _LIB.impl(qual.split("::")[1], kernel, key, with_keyset=True)
 
 
 def triton_available() -> bool:

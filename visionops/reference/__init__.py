@@ -4,6 +4,7 @@ from visionops.reference.anchors import cell_anchors, grid_anchors, grid_anchors
 from visionops.reference.box_coder import decode_boxes, encode_boxes, filter_boxes
 from visionops.reference.nms import batched_nms, box_iou, nms
 from visionops.reference.roi import multi_scale_roi_align, roi_align, roi_pool
+from visionops.reference.xcorr import depthwise_xcorr, xcorr
 
 __all__ = [
     "nms",
@@ -18,4 +19,6 @@ __all__ = [
     "decode_boxes",
     "encode_boxes",
     "filter_boxes",
+    "xcorr",
+    "depthwise_xcorr",
 ]
