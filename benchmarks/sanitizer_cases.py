@@ -60,7 +60,18 @@ def anchor_family():
         )
 
 
-CALLS = [nms_family, roi_family, anchor_family]
+def xcorr_family():
+    for backend in ("cpp", "triton"):
+        for bz, b, c, hz, hx in ((None, 3, 5, (3, 4), (9, 8)), (1, 4, 3, (5, 5), (5, 7)), (None, 2, 1, (1, 1), (3, 3))):
+            z = torch.randn(bz or b, c, *hz, device="cuda", requires_grad=True)
+            x = torch.randn(b, c, *hx, device="cuda", requires_grad=True)
+            visionops.xcorr(z, x, 0.1, backend=backend).sum().backward()
+            visionops.depthwise_xcorr(z, x, backend=backend).sum().backward()
+            zc, xc = (t.detach().contiguous(memory_format=torch.channels_last).requires_grad_() for t in (z, x))
+            visionops.depthwise_xcorr(zc, xc, backend=backend).sum().backward()
+
+
+CALLS = [nms_family, roi_family, anchor_family, xcorr_family]
 
 if __name__ == "__main__":
     for call in CALLS:

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "ops/common/anchors.h"
+#include "ops/cpu/alloc.h"
 
 namespace visionops {
 
@@ -53,7 +54,7 @@ at::Tensor grid_anchors_forward_kernel(const at::Tensor& cell_anchors, at::IntAr
                                        int64_t num_images, at::ScalarType dtype) {
   std::vector<AnchorLevel> levels;
   const int64_t total = plan_anchor_levels(cell_anchors, num_cells, grid_sizes, strides, num_images, dtype, levels);
-  at::Tensor out = at::empty({num_images, total, 4}, cell_anchors.options().dtype(dtype));
+  at::Tensor out = empty_output({num_images, total, 4}, cell_anchors.options().dtype(dtype));
   if (out.numel() == 0) return out;
   const at::Tensor cells = cell_anchors.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grid_anchors_cpu", [&] {

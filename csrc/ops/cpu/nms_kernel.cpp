@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "ops/common/box_iou.h"
+#include "ops/cpu/alloc.h"
 
 namespace visionops {
 namespace {
@@ -231,7 +232,7 @@ at::Tensor box_iou_kernel(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   TORCH_CHECK(boxes1.dim() == 2 && boxes1.size(1) == 4, "box_iou: boxes1 must have shape [N, 4], got ", boxes1.sizes());
   TORCH_CHECK(boxes2.dim() == 2 && boxes2.size(1) == 4, "box_iou: boxes2 must have shape [M, 4], got ", boxes2.sizes());
   const at::Tensor a = boxes1.contiguous(), b = boxes2.contiguous();
-  at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
+  at::Tensor out = empty_output({a.size(0), b.size(0)}, a.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "box_iou_cpu", [&] {
     box_iou_kernel_impl(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.size(0), b.size(0), out.data_ptr<scalar_t>());

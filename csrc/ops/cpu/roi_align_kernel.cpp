@@ -25,6 +25,7 @@
 
 #include "ops/common/roi_align.h"
 #include "ops/common/roi_align_entries.h"
+#include "ops/cpu/alloc.h"
 
 namespace visionops {
 namespace {
@@ -204,7 +205,7 @@ struct CpuRoIAlign {
                             int64_t sampling_ratio, bool aligned) {
     const at::Tensor& f0 = features[0];
     const int64_t K = rois_in.size(0), C = f0.size(1);
-    at::Tensor out = at::empty({K, C, PH, PW}, f0.options());
+    at::Tensor out = empty_output({K, C, PH, PW}, f0.options());
     if (K == 0) return out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_forward_cpu", [&] {
       using T = at::opmath_type<scalar_t>;
@@ -234,7 +235,7 @@ struct CpuRoIAlign {
                                           int64_t PW, at::IntArrayRef shapes, int64_t sampling_ratio, bool aligned) {
     const int64_t K = rois_in.size(0), L = static_cast<int64_t>(shapes.size() / 4), C = shapes[1];
     std::vector<at::Tensor> gins;
-    for (int64_t l = 0; l < L; ++l) gins.push_back(at::zeros(shapes.slice(4 * l, 4), grad_in.options()));
+    for (int64_t l = 0; l < L; ++l) gins.push_back(zeros_output(shapes.slice(4 * l, 4), grad_in.options()));
     if (K == 0 || C == 0) return gins;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_in.scalar_type(), "roi_align_backward_cpu", [&] {
       using T = at::opmath_type<scalar_t>;

@@ -26,6 +26,7 @@
 
 #include "ops/common/roi_checks.h"
 #include "ops/common/roi_pool.h"
+#include "ops/cpu/alloc.h"
 
 namespace visionops {
 namespace {
@@ -252,7 +253,7 @@ at::Tensor roi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& ro
                                    int64_t pooled_height, int64_t pooled_width) {
   check_args("roi_pool", input, rois_in, spatial_scale, pooled_height, pooled_width, nullptr);
   const int64_t K = rois_in.size(0), B = input.size(0), C = input.size(1);
-  at::Tensor out = at::empty({K, C, pooled_height, pooled_width}, input.options());
+  at::Tensor out = empty_output({K, C, pooled_height, pooled_width}, input.options());
   if (K == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -272,7 +273,7 @@ at::Tensor roi_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& in
   check_args("_roi_pool_backward", input, rois_in, spatial_scale, pooled_height, pooled_width, &grad);
   const int64_t K = rois_in.size(0), B = input.size(0);
   if (K == 0 || input.numel() == 0) return at::zeros(input.sizes(), grad.options());
-  at::Tensor gin = at::empty(input.sizes(), grad.options());  // the kernel writes every element
+  at::Tensor gin = empty_output(input.sizes(), grad.options());  // the kernel writes every element
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<T>::value).contiguous();

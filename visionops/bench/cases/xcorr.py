@@ -1,0 +1,81 @@
+"""SiamFC cross-correlation cases (baseline: the grouped convolution pysot and siamfc-pytorch run, in the same run).
+CPU targets: xcorr fwd >= 3x and fwd+bwd >= 3x (SiamFC training, B 8), depthwise fwd+bwd >= 2x (SiamRPN++, B 28).
+GPU: xcorr fwd+bwd >= 2x vs cuDNN's grouped conv, depthwise fwd+bwd >= 3x vs PyTorch's depthwise path."""
+
+import torch
+import torch.nn.functional as F
+
+import visionops
+from visionops.bench.case import Case
+
+
+def _conv_xcorr(z, x):
+    b, c, hx, wx = x.shape
+    z = z.expand(b, *z.shape[1:])
+    return F.conv2d(x.reshape(1, b * c, hx, wx), z, groups=b).transpose(0, 1) * 0.001
+
+
+def _conv_depthwise(z, x):
+    b, c, hx, wx = x.shape
+    hz, wz = z.shape[2:]
+    out = F.conv2d(x.reshape(1, b * c, hx, wx), z.expand(b, *z.shape[1:]).reshape(b * c, 1, hz, wz), groups=b * c)
+    return out.reshape(b, c, hx - hz + 1, wx - wz + 1)
+
+
+def _close(a, b):
+    if isinstance(a, (tuple, list)):
+        for p, q in zip(a, b):
+            _close(p, q)
+        return
+    scale = max(b.abs().max().item(), 1.0)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _case(depthwise, b, c, hz, hx, bz=None, backward=False, backend="auto"):
+    def make(device):
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(bz or b, c, hz, hz, generator=g).to(device)
+        x = torch.randn(b, c, hx, hx, generator=g).to(device)
+        if depthwise:
+            ours = lambda z, x: visionops.depthwise_xcorr(z, x, backend=backend)  # noqa: E731
+            base = _conv_depthwise
+        else:
+            ours = lambda z, x: visionops.xcorr(z, x, 0.001, backend=backend)  # noqa: E731
+            base = _conv_xcorr
+        if not backward:
+            return (lambda: ours(z, x)), (lambda: base(z, x)), _close
+        zg, xg = z.clone().requires_grad_(), x.clone().requires_grad_()
+        go = torch.randn(b, c if depthwise else 1, hx - hz + 1, hx - hz + 1, generator=g).to(device)
+
+        def step(fn):  # forward and backward w.r.t. both inputs, as in training where both branches learn
+            return lambda: torch.autograd.grad(fn(zg, xg), (zg, xg), go)
+
+        return step(ours), step(base), _close
+
+    return make
+
+
+_BASE = "PyTorch grouped conv"
+CASES = [
+    Case("xcorr", "fwd B8 256x6x6 over 256x22x22", _case(False, 8, 256, 6, 22), _BASE, quick=True, target=3.0),
+    Case(
+        "xcorr",
+        "fwd+bwd B8 256x6x6 over 256x22x22",
+        _case(False, 8, 256, 6, 22, backward=True),
+        _BASE,
+        target=3.0,
+        gpu_target=2.0,
+    ),
+    Case("xcorr", "fwd+bwd B64 256x6x6 over 256x22x22", _case(False, 64, 256, 6, 22, backward=True), _BASE),
+    Case("xcorr", "fwd 1 exemplar x 3 scales, 256x22x22", _case(False, 3, 256, 6, 22, bz=1), _BASE),
+    Case("depthwise_xcorr", "fwd B28 256x5x5 over 256x29x29", _case(True, 28, 256, 5, 29), _BASE, quick=True),
+    Case(
+        "depthwise_xcorr",
+        "fwd+bwd B28 256x5x5 over 256x29x29",
+        _case(True, 28, 256, 5, 29, backward=True),
+        _BASE,
+        target=2.0,
+        gpu_target=3.0,
+    ),
+    Case("depthwise_xcorr", "fwd+bwd B32 256x7x7 over 256x31x31", _case(True, 32, 256, 7, 31, backward=True), _BASE),
+]
