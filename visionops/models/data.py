@@ -4,9 +4,11 @@ examples need no download and repeat exactly.
 Conventions: visionops/models/README.md.
 """
 
-from typing import List, Optional, Tuple
+import math
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -45,3 +47,109 @@ def shapes_detection(
             images[i, c % 3, y1:y2, x1:x2] = 1.0
         targets.append({"boxes": boxes, "labels": labels})
     return images, targets
+
+
+class TrackingClip(NamedTuple):
+    """A generated tracking sequence: ``frames`` uint8 [T, 3, H, W] (RGB), the target's ``boxes`` float64 [T, 4]
+    (x1, y1, x2, y2, continuous pixel coordinates) and ``centers`` [T, 2] (x, y), and the distractor's boxes [T, 4]."""
+
+    frames: Tensor
+    boxes: Tensor
+    centers: Tensor
+    distractor_boxes: Tensor
+
+
+def _texture(size: int, cells: int, generator: Optional[torch.Generator]) -> Tensor:
+    """A [3, size, size] texture in 0..1: a cells x cells grid of random colours, blurred a little."""
+    grid = torch.rand(1, 3, cells, cells, generator=generator)
+    tex = F.interpolate(grid, size=(size, size), mode="nearest")
+    return F.avg_pool2d(F.pad(tex, (1, 1, 1, 1), mode="replicate"), 3, 1)[0]
+
+
+def _paste(canvas: Tensor, sprite: Tensor, x: float, y: float) -> None:
+    """Draw ``sprite`` [3, s, s] over ``canvas`` [3, H, W] with its top-left corner at the continuous point (x, y):
+    bilinear at sub-pixel offsets (sprite and its coverage shifted alike), clipped at the borders."""
+    s = sprite.shape[-1]
+    ix, iy = math.floor(x), math.floor(y)
+    fx, fy = x - ix, y - iy
+    rgba = F.pad(torch.cat([sprite, torch.ones_like(sprite[:1])]), (1, 1, 1, 1))  # [4, s + 2, s + 2]
+    # shift right/down by (fx, fy): out[i] = (1 - f) * in[i] + f * in[i - 1]
+    rgba = (1 - fx) * rgba + fx * torch.roll(rgba, 1, 2)
+    rgba = (1 - fy) * rgba + fy * torch.roll(rgba, 1, 1)
+    h, w = canvas.shape[-2:]
+    x0, y0 = ix - 1, iy - 1
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + s + 2, w), min(y0 + s + 2, h)
+    if cx0 >= cx1 or cy0 >= cy1:
+        return
+    patch = rgba[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+    alpha = patch[3:]
+    region = canvas[:, cy0:cy1, cx0:cx1]
+    region.mul_(1 - alpha).add_(patch[:3])  # premultiplied: the colours were shifted with the coverage
+
+
+def tracking_clip(
+    frames: int = 60,
+    size: int = 360,
+    *,
+    object_size: int = 48,
+    max_speed: float = 5.0,
+    clutter: int = 120,
+    generator: Optional[torch.Generator] = None,
+) -> TrackingClip:
+    """A single-object tracking clip: a textured ``object_size`` square moving along a smooth elliptic arc at up to
+    ``max_speed`` px per frame, always fully inside the frame, over a cluttered random-texture background (smooth
+    colour field plus ``clutter`` random rectangles and noise); a second square of another random texture crosses
+    near it (its centre passes 20-40 px from the target's, around the middle of the clip) behind it."""
+    if frames < 1 or object_size < 4 or size < 4 * object_size:
+        raise ValueError(f"need frames >= 1 and 4 <= object_size <= size / 4, got {frames}, {object_size}, {size}")
+    g = generator
+
+    def u(lo: float = 0.0, hi: float = 1.0) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+    # background: smooth colour field, random rectangles, fine noise
+    field = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(size, size), mode="bicubic", align_corners=False)
+    bg = field[0].clamp(0, 1) * 0.6 + 0.2
+    for _ in range(clutter):
+        w, h = int(u(6, 50)), int(u(6, 50))
+        x, y = int(u(-w, size)), int(u(-h, size))
+        colour = torch.rand(3, 1, 1, generator=g)
+        bg[:, max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)] = colour
+    bg = (bg + 0.04 * torch.randn(bg.shape, generator=g)).clamp(0, 1)
+
+    target = _texture(object_size, 6, g)
+    distractor = _texture(object_size, 6, g)
+
+    # the target's centre: an arc of a rotated ellipse, speed <= max_speed everywhere
+    margin = object_size / 2 + 4
+    radius = size / 2 - margin
+    a, b, phi = u(0.45, 0.75) * radius, u(0.45, 0.75) * radius, u(0, math.pi)
+    ex = math.hypot(a * math.cos(phi), b * math.sin(phi))
+    ey = math.hypot(a * math.sin(phi), b * math.cos(phi))
+    c0 = (u(margin + ex, size - margin - ex), u(margin + ey, size - margin - ey))
+    omega = max_speed * u(0.8, 1.0) / max(a, b) * (1 if u() < 0.5 else -1)
+    theta = u(0, 2 * math.pi) + omega * torch.arange(frames, dtype=torch.float64)
+    ex_, ey_ = a * torch.cos(theta), b * torch.sin(theta)
+    centers = torch.stack(
+        [c0[0] + ex_ * math.cos(phi) - ey_ * math.sin(phi), c0[1] + ex_ * math.sin(phi) + ey_ * math.cos(phi)], 1
+    )
+
+    # the distractor: relative to the target a straight line at 3-5 px per frame, closest (20-40 px between the
+    # centres) at frame t_c
+    t_c = int(u(0.35, 0.65) * (frames - 1))
+    heading = u(0, 2 * math.pi)
+    along = torch.tensor([math.cos(heading), math.sin(heading)], dtype=torch.float64)
+    across = torch.tensor([-along[1], along[0]]) * (1 if u() < 0.5 else -1)
+    steps = (torch.arange(frames, dtype=torch.float64) - t_c)[:, None]
+    d_centers = centers + u(20, 40) * across + steps * u(3, 5) * along
+
+    half = object_size / 2
+    video = torch.empty(frames, 3, size, size, dtype=torch.uint8)
+    for t in range(frames):
+        canvas = bg.clone()
+        _paste(canvas, distractor, float(d_centers[t, 0]) - half, float(d_centers[t, 1]) - half)
+        _paste(canvas, target, float(centers[t, 0]) - half, float(centers[t, 1]) - half)
+        video[t] = (canvas * 255).round().clamp(0, 255).to(torch.uint8)
+    boxes = torch.cat([centers - half, centers + half], 1)
+    d_boxes = torch.cat([d_centers - half, d_centers + half], 1)
+    return TrackingClip(video, boxes, centers, d_boxes)
