@@ -58,6 +58,25 @@ inline detail::TensorPair _box_iou_backward(const at::Tensor& grad, const at::Te
   return handle.call(grad, boxes1, boxes2);
 }
 
+// Soft-NMS (Bodla et al. 2017; mmcv's soft_nms with offset 0): (indices of the kept boxes in selection order, their
+// scores when selected). method: 0 hard, 1 linear, 2 gaussian (visionops/reference/nms.py soft_nms).
+inline detail::TensorPair soft_nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
+                                   double sigma, double score_threshold, int64_t method) {
+  static const auto handle =
+      detail::op<detail::TensorPair(const at::Tensor&, const at::Tensor&, double, double, double, int64_t)>(
+          "visionops::soft_nms");
+  return handle.call(boxes, scores, iou_threshold, sigma, score_threshold, method);
+}
+
+// Soft-NMS per category; all categories by decreasing score (ties: selection rank, then category).
+inline detail::TensorPair batched_soft_nms(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
+                                           double iou_threshold, double sigma, double score_threshold, int64_t method) {
+  static const auto handle =
+      detail::op<detail::TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,
+                                    int64_t)>("visionops::batched_soft_nms");
+  return handle.call(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method);
+}
+
 // RoI ops (torchvision.ops.roi_align, roi_pool, MultiScaleRoIAlign). rois: [K, 5] rows of
 // (batch index, x1, y1, x2, y2); outputs [K, C, pooled_height, pooled_width].
 

@@ -467,7 +467,16 @@ class OpConformance:
             tol = {k: v * self.grad_factor for k, v in tol.items()}
         return tol
 
-    def assert_same(self, got: Tensor, expected: Tensor, dtype, backend, what="output", grad=False):
+    def assert_same(self, got, expected, dtype, backend, what="output", grad=False):
+        """``got`` against ``expected`` (tensors, or tuples of them: ops with several outputs): index outputs
+        exactly, floating ones within the tolerance of ``dtype`` (None: each expected output's own dtype)."""
+        if isinstance(expected, (tuple, list)):
+            assert isinstance(got, (tuple, list)) and len(got) == len(expected), f"{what}: {len(expected)} outputs"
+            for i, (g, e) in enumerate(zip(got, expected)):
+                self.assert_same(g, e, dtype, backend, f"{what}[{i}]", grad)
+            return
+        if dtype is None:
+            dtype = expected.dtype
         assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
         if not expected.is_floating_point():
             assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype} != {expected.dtype}"
@@ -505,12 +514,12 @@ class OpConformance:
             if grad:
                 go = self._upstream(expected.shape, case.dtype, expected.device).to(expected.dtype)
                 expected_grads = [g.detach() for g in self._grads(expected, o_inputs, go)]
-            _ORACLES[key] = (expected.detach(), expected_grads)
+            _ORACLES[key] = (_detached(expected), expected_grads)
         expected, expected_grads = _ORACLES[key]
         with num_threads(case.threads):
             out = self.fn(*inputs, backend=case.backend)
             grads = self._grads(out, inputs, self._upstream(out.shape, case.dtype, out.device)) if grad else ()
-        assert out.device.type == case.device
+        assert all(o.device.type == case.device for o in (out if isinstance(out, (tuple, list)) else (out,)))
         self.assert_same(out, expected, case.dtype, case.backend, what)
         for i, got, exp in zip(self.grad_inputs, grads, expected_grads):
             self.assert_same(got, exp, case.dtype, case.backend, f"{what}: gradient of input {i}", grad=True)
@@ -549,7 +558,7 @@ class OpConformance:
             inputs = tuple(v.detach().requires_grad_() if i in self.grad_inputs else v for i, v in enumerate(inputs))
         out = self.fn(*inputs, backend=case.backend)
         expected = self.reference(*self.reference_inputs(inputs, case.dtype))
-        assert out.numel() == 0
+        assert all(o.numel() == 0 for o in (out if isinstance(out, (tuple, list)) else (out,)))
         self.assert_same(out, expected, case.dtype, case.backend, "empty output")
         if self.has_grad:
             grads = self._grads(out, inputs, torch.zeros_like(out))
@@ -603,7 +612,7 @@ class OpConformance:
             got = compiled(*leaves)
         eager_leaves = [_detached(v, requires_grad=v.requires_grad) for v in leaves]
         expected = call(*eager_leaves)
-        self.assert_same(got, expected, got.dtype, case.backend, "compiled")
+        self.assert_same(got, expected, None, case.backend, "compiled")
         if self.has_grad:
             go = self._upstream(expected.shape, expected.dtype, expected.device)
             diff = [i for i, pos in enumerate(t) if pos in self.grad_inputs]

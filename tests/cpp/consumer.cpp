@@ -37,6 +37,18 @@ int main() {
   const auto [g1, g2] = visionops::_box_iou_backward(at::ones({3, 3}), boxes, boxes);
   check(g1.sizes() == boxes.sizes() && g2.sizes() == boxes.sizes(), "_box_iou_backward");
 
+  // Soft-NMS, linear (mmcv's test boxes): box 2 overlaps the kept box 1 with IoU 24/41 > 0.3, so its 0.7 decays to
+  // 0.7 * 17/41; boxes 0 and 3 overlap the kept boxes by less than 0.3 and keep their scores.
+  const at::Tensor sb =
+      at::tensor({6.f, 3.f, 8.f, 7.f, 3.f, 6.f, 9.f, 11.f, 3.f, 7.f, 10.f, 12.f, 1.f, 4.f, 13.f, 7.f}).view({4, 4});
+  const at::Tensor ss = at::tensor({0.6f, 0.9f, 0.7f, 0.2f});
+  const auto [sk, sv] = visionops::soft_nms(sb, ss, 0.3, 0.5, 0.01, 1);
+  check(sk.size(0) == 4 && sk[0].item<int64_t>() == 1 && sk[2].item<int64_t>() == 2 && near(sv[2], 0.7 * 17 / 41),
+        "soft_nms");
+  const at::Tensor sc = at::tensor({int64_t{0}, int64_t{1}, int64_t{1}, int64_t{0}});
+  const auto [bk, bv] = visionops::batched_soft_nms(sb, ss, sc, 0.3, 0.5, 0.01, 1);
+  check(bk.size(0) == 4 && bk[2].item<int64_t>() == 2 && near(bv[2], 0.7 * 17 / 41), "batched_soft_nms");
+
   // RoIs inside constant feature maps: every bin averages ones, and each bin's weights sum to 1.
   const at::Tensor x = at::ones({1, 1, 4, 4}), rois = at::tensor({0.f, 0.f, 0.f, 3.f, 3.f}).view({1, 5});
   check(near(visionops::roi_align(x, rois, 1.0, 2, 2, 2, false).sum(), 4.0), "roi_align");

@@ -1,16 +1,20 @@
-"""NMS family: nms, batched_nms, box_iou (torchvision.ops semantics).
+"""NMS family: nms, batched_nms, box_iou (torchvision.ops semantics); soft_nms, batched_soft_nms (mmcv's soft_nms).
 
-Kernels: csrc/ops/{cpu,cuda}/nms_kernel.*, visionops/triton/nms.py; math: visionops/reference/nms.py.
+Kernels: csrc/ops/{cpu,cuda}/nms_kernel.*, csrc/ops/{cpu,cuda}/soft_nms_kernel.*, visionops/triton/nms.py,
+visionops/triton/soft_nms.py; math: visionops/reference/nms.py.
 """
+
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from visionops import _registry as registry
 from visionops import reference
+from visionops.reference.nms import SOFT_NMS_METHODS
 from visionops.ops._checks import check_boxes, check_number, check_same_device, check_same_length, check_tensor
 
-__all__ = ["nms", "batched_nms", "box_iou"]
+__all__ = ["nms", "batched_nms", "box_iou", "soft_nms", "batched_soft_nms"]
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, backend: str = "auto") -> Tensor:
@@ -66,6 +70,90 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, *, backend: str = "auto") -> Tensor:
     return registry.dispatch("box_iou", backend, boxes1.device)(boxes1, boxes2)
 
 
+def _soft_nms_args(op, boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
+    """The checked schema arguments after boxes, scores (and idxs): (iou_threshold, sigma, score_threshold, method)."""
+    check_boxes("boxes", boxes)
+    check_tensor("scores", scores, floating=True, dim=1)
+    names, tensors = ("boxes", "scores"), (boxes, scores)
+    if idxs is not None:
+        check_tensor("idxs", idxs, integer=True, dim=1)
+        names, tensors = names + ("idxs",), tensors + (idxs,)
+    check_same_length(names, tensors)
+    check_same_device(names, tensors)
+    thr = check_number("iou_threshold", iou_threshold)
+    sig = check_number("sigma", sigma)
+    if not sig > 0:
+        raise ValueError(f"{op}: sigma must be > 0, got {sigma}")
+    score_thr = check_number("score_threshold", score_threshold)
+    if not isinstance(method, str):
+        raise TypeError(f"{op}: method must be a string, one of {sorted(SOFT_NMS_METHODS)}, got {method!r}")
+    if method not in SOFT_NMS_METHODS:
+        raise ValueError(f"{op}: method must be one of {sorted(SOFT_NMS_METHODS)}, got {method!r}")
+    return thr, sig, score_thr, SOFT_NMS_METHODS[method]
+
+
+def soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    iou_threshold: float = 0.3,
+    sigma: float = 0.5,
+    score_threshold: float = 0.001,
+    method: str = "gaussian",
+    *,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """Soft-NMS (Bodla et al. 2017): mmcv's ``soft_nms`` with ``offset=0`` (whose default method is "linear"; here
+    "gaussian", the paper's recommendation).
+
+    Repeatedly keeps the alive box with the highest current score (ties: the lowest input index) and multiplies the
+    score of every other alive box by a weight of its IoU with the kept box::
+
+        "gaussian"  exp(-iou**2 / sigma)                       (iou_threshold unused)
+        "linear"    1 - iou where iou > iou_threshold, else 1
+        "hard"      0 where iou > iou_threshold, else 1         (plain NMS: visionops.nms's kept set)
+
+    A box is alive while its score is >= score_threshold: boxes scored below it from the start are never kept
+    (mmcv keeps its top box even then), and a box decayed below it is dropped. IoU is computed in the boxes'
+    precision (float32 for float32/float16/bfloat16), the weights, scores and comparisons in float64; a box is
+    decayed where iou > iou_threshold (mmcv: >=; they differ only at exactly the threshold).
+
+    Args:
+        boxes: Tensor[N, 4] of (x1, y1, x2, y2), floating point.
+        scores: Tensor[N], floating point.
+        iou_threshold, sigma (> 0), score_threshold: numbers, as above.
+        method: "gaussian", "linear" or "hard".
+        backend: "auto", "cpp", "triton" or "reference" (see ``visionops._registry``).
+
+    Returns:
+        (keep, new_scores): Tensor[K] int64 indices of the kept boxes in selection order (so by decreasing new score),
+        and Tensor[K] their scores when selected, in the scores' dtype. Not differentiable.
+    """
+    args = _soft_nms_args("soft_nms", boxes, scores, None, iou_threshold, sigma, score_threshold, method)
+    return registry.dispatch("soft_nms", backend, boxes.device)(boxes, scores, *args)
+
+
+def batched_soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    iou_threshold: float = 0.3,
+    sigma: float = 0.5,
+    score_threshold: float = 0.001,
+    method: str = "gaussian",
+    *,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """Soft-NMS independently per category (:func:`soft_nms` per value of ``idxs``): boxes of different ``idxs``
+    never decay each other.
+
+    Returns:
+        (keep, new_scores) of all categories by decreasing new score (compared in float64); ties by the rank of the
+        selection within its category, then by category (ascending ``idxs``).
+    """
+    args = _soft_nms_args("batched_soft_nms", boxes, scores, idxs, iou_threshold, sigma, score_threshold, method)
+    return registry.dispatch("batched_soft_nms", backend, boxes.device)(boxes, scores, idxs, *args)
+
+
 # ---- declarations: fake kernels, autograd, autocast (every backend) -------------------------------------------
 
 
@@ -104,3 +192,32 @@ registry.declare(
         ),
     )
 )
+
+
+def _soft_nms_fake(boxes, scores, *args):
+    k = torch.library.get_ctx().new_dynamic_size()
+    return boxes.new_empty((k,), dtype=torch.long), scores.new_empty((k,))
+
+
+def _soft_nms_check(boxes, scores, *rest):
+    """Schema-level checks of the Triton ops (the C++ ops check in C++): sigma and method."""
+    sigma, method = rest[-3], rest[-1]
+    if not sigma > 0:
+        raise ValueError(f"soft_nms: sigma must be > 0, got {sigma}")
+    if method not in (0, 1, 2):
+        raise ValueError(f"soft_nms: method must be 0 (hard), 1 (linear) or 2 (gaussian), got {method}")
+
+
+# Outputs are selections: no gradient (as nms). Under autocast, float32 (as nms).
+for _name, _ref in (("soft_nms", reference.soft_nms), ("batched_soft_nms", reference.batched_soft_nms)):
+    registry.declare(
+        registry.OpDef(
+            _name,
+            _ref,
+            _soft_nms_fake,
+            triton="visionops.triton.soft_nms",
+            autocast=torch.float32,
+            check=_soft_nms_check,
+        )
+    )
+del _name, _ref

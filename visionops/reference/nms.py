@@ -68,3 +68,85 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     return (inter / (area1[:, None] + area2[None, :] - inter)).to(boxes1.dtype)
+
+
+# ---- soft-NMS ---------------------------------------------------------------------------------------------------
+
+SOFT_NMS_METHODS = {"hard": 0, "linear": 1, "gaussian": 2}  # the schema's int (mmcv's numbering; mmcv: "naive")
+
+
+def _soft_nms_method(method) -> int:
+    return SOFT_NMS_METHODS[method] if isinstance(method, str) else int(method)
+
+
+def _soft_nms_weight(iou: Tensor, method: int, iou_threshold: float, sigma: float) -> Tensor:
+    if method == 0:  # hard: plain NMS (the score becomes 0)
+        return torch.where(iou > iou_threshold, 0.0, 1.0).to(iou)
+    if method == 1:  # linear
+        return torch.where(iou > iou_threshold, 1 - iou, 1.0)
+    return torch.exp(-(iou * iou) / sigma)  # gaussian (iou_threshold unused)
+
+
+def _soft_nms_scores(boxes, scores, iou_threshold, sigma, score_threshold, method):
+    """Soft-NMS returning (keep, float64 scores at selection), for soft_nms and batched_soft_nms."""
+    method = _soft_nms_method(method)
+    b = _opmath(boxes)
+    s = scores.detach().to(torch.float64).clone()
+    alive = s >= score_threshold  # boxes starting below the threshold are never kept (NaN scores neither)
+    keep, kept = [], []
+    while bool(alive.any()):
+        idx = torch.nonzero(alive).flatten()  # increasing input index
+        sa = s[idx]
+        i = int(idx[int(torch.nonzero(sa == sa.max())[0, 0])])  # highest score, ties: lowest input index
+        keep.append(i)
+        kept.append(s[i].clone())
+        alive[i] = False
+        others = idx[idx != i]
+        iou = _pair_iou(b[i], b[others]).double()  # IoU in the boxes' opmath type, weight and scores in float64
+        s[others] = s[others] * _soft_nms_weight(iou, method, iou_threshold, sigma)
+        alive[others] = s[others] >= score_threshold
+    device = boxes.device
+    keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+    kept_t = torch.stack(kept) if kept else torch.zeros(0, dtype=torch.float64, device=device)
+    return keep_t, kept_t
+
+
+def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, score_threshold: float, method):
+    """Soft-NMS (Bodla et al. 2017), mmcv's ``soft_nms`` with offset=0. Returns (keep, new_scores).
+
+    Repeatedly keep the alive box with the highest current score (ties: the lowest input index), then decay the score
+    of every other alive box b by a weight of iou = IoU(kept, b)::
+
+        hard      w = 0 if iou > iou_threshold else 1        (plain NMS for score_threshold > 0)
+        linear    w = 1 - iou if iou > iou_threshold else 1
+        gaussian  w = exp(-iou**2 / sigma)                   (iou_threshold unused)
+
+    A box is alive while its score is >= score_threshold (checked on the input scores too). IoU is computed in the
+    boxes' precision (float32 for float32/float16/bfloat16, float64 for float64); the weights, the decayed scores and
+    the comparisons in float64. ``keep`` (int64) is in selection order, ``new_scores`` (the scores' dtype) the
+    scores at selection. ``method``: 0/"hard", 1/"linear", 2/"gaussian".
+    """
+    keep, kept = _soft_nms_scores(boxes, scores, iou_threshold, sigma, score_threshold, method)
+    return keep, kept.to(scores.dtype)
+
+
+def batched_soft_nms(
+    boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, sigma: float, score_threshold: float, method
+):
+    """Soft-NMS independently per value of ``idxs``; the kept boxes of all classes by decreasing new score (compared
+    in float64), ties by selection rank within their class, then by class (ascending ``idxs``)."""
+    keeps, kepts, ranks = [], [], []
+    for c in torch.unique(idxs):  # ascending: the class order of ties
+        members = torch.nonzero(idxs == c).flatten()
+        keep, kept = _soft_nms_scores(boxes[members], scores[members], iou_threshold, sigma, score_threshold, method)
+        keeps.append(members[keep])
+        kepts.append(kept)
+        ranks.append(torch.arange(len(keep), device=boxes.device))
+    if not keeps:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device), scores.new_zeros(0)
+    keep, kept, rank = torch.cat(keeps), torch.cat(kepts), torch.cat(ranks)
+    # class-major now: a stable sort by rank gives (rank, class), a stable sort by decreasing score on top of it
+    # gives (score desc, rank, class)
+    by_rank = torch.sort(rank, stable=True).indices
+    order = by_rank[torch.sort(kept[by_rank], descending=True, stable=True).indices]
+    return keep[order], kept[order].to(scores.dtype)

@@ -1,5 +1,7 @@
 """NMS family cases: the issue's targets (CPU: nms 20k >= 20x, 1k >= 3x; batched_nms 20k/80 classes >= 3x; GPU: nms
-20k >= 2x) on boxes with xy ~ U(0, 800), wh ~ U(1, 101), iou 0.5, scores from randperm (no ties)."""
+20k >= 2x) on boxes with xy ~ U(0, 800), wh ~ U(1, 101), iou 0.5, scores from randperm (no ties). soft_nms (CPU >= 10x,
+GPU >= 20x): gaussian, sigma 0.5, score_threshold 0.001, on clustered boxes (a detector's output before NMS), against
+the loop a PyTorch user writes today."""
 
 import torch
 
@@ -52,6 +54,45 @@ def batched_case(n, classes, backend="auto"):
     return make
 
 
+def soft_nms_baseline(boxes, scores, sigma=0.5, score_threshold=0.001):
+    """Gaussian soft-NMS as a PyTorch user writes it today (one argmax, box_iou and decay per selection)."""
+    import torchvision
+
+    scores = scores.clone()
+    alive = scores >= score_threshold
+    keep, kept = [], []
+    while alive.any():
+        i = torch.argmax(scores * alive)
+        keep.append(i)
+        kept.append(scores[i])
+        iou = torchvision.ops.box_iou(boxes[i : i + 1], boxes)[0]
+        scores = torch.where(alive, scores * torch.exp(-(iou**2) / sigma), scores)
+        alive &= scores >= score_threshold
+        alive[i] = False
+    return torch.stack(keep), torch.stack(kept)
+
+
+def _same_soft(ours, base):
+    """Same kept set (in order) and scores within float32 tolerance (the baseline decays in float32)."""
+    assert torch.equal(ours[0].cpu(), base[0].cpu()), "visionops and baseline keep different boxes"
+    torch.testing.assert_close(ours[1].cpu(), base[1].cpu(), rtol=1e-4, atol=1e-6)
+
+
+def soft_nms_case(n, backend="auto"):
+    def make(device):
+        from visionops.testing import clustered_boxes, unique_scores
+
+        g = torch.Generator().manual_seed(0)
+        boxes, scores = clustered_boxes(n, generator=g).to(device), unique_scores(n, generator=g).to(device)
+        return (
+            lambda: visionops.soft_nms(boxes, scores, sigma=0.5, method="gaussian", backend=backend),
+            lambda: soft_nms_baseline(boxes, scores),
+            _same_soft,
+        )
+
+    return make
+
+
 def box_iou_case(n, m, backward=False, backend="auto"):
     def make(device):
         import torchvision
@@ -83,9 +124,33 @@ CASES = [
     Case("batched_nms", "100k boxes / 80 classes", batched_case(100_000, 80), devices=("cuda",)),
     Case("box_iou", "1k x 1k", box_iou_case(1_000, 1_000), quick=True),
     Case("box_iou", "fwd+bwd 500 x 500", box_iou_case(500, 500, backward=True)),
+    Case(
+        "soft_nms",
+        "gaussian 5k clustered boxes",
+        soft_nms_case(5_000),
+        baseline="PyTorch loop",
+        quick=True,
+        target=10.0,
+        gpu_target=20.0,
+    ),
+    Case(
+        "soft_nms",
+        "gaussian 20k clustered boxes",
+        soft_nms_case(20_000),
+        baseline="PyTorch loop",
+        target=10.0,
+        gpu_target=20.0,
+    ),
     # Triton backend on the GPU (on the CPU it only runs interpreted, which is for testing, not timing).
     Case("nms", "20k boxes [triton]", nms_case(20_000, "triton"), devices=("cuda",)),
     Case("nms", "100k boxes [triton]", nms_case(100_000, "triton"), devices=("cuda",)),
     Case("batched_nms", "20k / 80 classes [triton]", batched_case(20_000, 80, "triton"), devices=("cuda",)),
+    Case(
+        "soft_nms",
+        "gaussian 20k clustered [triton]",
+        soft_nms_case(20_000, "triton"),
+        baseline="PyTorch loop",
+        devices=("cuda",),
+    ),
     Case("box_iou", "1k x 1k [triton]", box_iou_case(1_000, 1_000, backend="triton"), devices=("cuda",)),
 ]
