@@ -187,6 +187,36 @@ inline at::Tensor filter_boxes(const at::Tensor& boxes, const at::Tensor& scores
   return handle.call(boxes, scores, score_threshold, min_size);
 }
 
+// SiamFC cross-correlation (visionops.xcorr, depthwise_xcorr). z [Bz, C, Hz, Wz] (Bz == B or 1), x [B, C, Hx, Wx].
+
+// out_scale * sum over channels and taps of z slid over x: [B, 1, Hx - Hz + 1, Wx - Wz + 1].
+inline at::Tensor xcorr(const at::Tensor& z, const at::Tensor& x, double out_scale = 1.0) {
+  static const auto handle = detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("visionops::xcorr");
+  return handle.call(z, x, out_scale);
+}
+
+// Gradients of xcorr with respect to z and x, given grad [B, 1, Ho, Wo].
+inline detail::TensorPair _xcorr_backward(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& x,
+                                          double out_scale) {
+  static const auto handle =
+      detail::op<detail::TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+          "visionops::_xcorr_backward");
+  return handle.call(grad, z, x, out_scale);
+}
+
+// Each channel of z slid over the same channel of x: [B, C, Hx - Hz + 1, Wx - Wz + 1].
+inline at::Tensor depthwise_xcorr(const at::Tensor& z, const at::Tensor& x) {
+  static const auto handle = detail::op<at::Tensor(const at::Tensor&, const at::Tensor&)>("visionops::depthwise_xcorr");
+  return handle.call(z, x);
+}
+
+// Gradients of depthwise_xcorr with respect to z and x, given grad [B, C, Ho, Wo].
+inline detail::TensorPair _depthwise_xcorr_backward(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& x) {
+  static const auto handle = detail::op<detail::TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "visionops::_depthwise_xcorr_backward");
+  return handle.call(grad, z, x);
+}
+
 // What the library was built against: "version=...;torch=...;cuda=0|1;cuda_arches=...;roi_align_max_levels=8;
 // roi_align_max_grid=65536".
 inline std::string build_info() {

@@ -83,6 +83,21 @@ int main() {
   check(near(visionops::encode_boxes(boxes, boxes, weights).abs().sum(), 0.0), "encode_boxes");
   const at::Tensor kept = visionops::filter_boxes(boxes, at::tensor({0.9f, 0.1f, 0.8f}), 0.5, 1.0);
   check(kept.size(0) == 2 && kept[1].item<int64_t>() == 2, "filter_boxes");
+  // z = ones [1, 2, 2, 2] over x = the 3x3 plane 0..8 in both channels: the 2x2 window sums are 8, 12, 20, 24, and
+  // xcorr adds the 2 channels then halves. With grad = ones, grad_z[i, j] sums the x cells tap (i, j) reads and
+  // grad_x[y, w] counts the taps that reach (y, w): 4 at the centre, 1 at a corner.
+  const at::Tensor zx = at::ones({1, 2, 2, 2}), xx = at::arange(9, at::kFloat).view({1, 1, 3, 3}).repeat({1, 2, 1, 1});
+  const at::Tensor xc = visionops::xcorr(zx, xx, 0.5);
+  check(xc.sizes() == at::IntArrayRef({1, 1, 2, 2}) && near(xc[0][0][0][0], 8.0) && near(xc[0][0][1][1], 24.0),
+        "xcorr");
+  const auto [xgz, xgx] = visionops::_xcorr_backward(at::ones({1, 1, 2, 2}), zx, xx, 0.5);
+  check(near(xgz[0][1][0][0], 0.5 * (0 + 1 + 3 + 4)) && near(xgx[0][0][1][1], 0.5 * 4) && near(xgx.sum(), 0.5 * 32),
+        "_xcorr_backward");
+  const at::Tensor dw = visionops::depthwise_xcorr(zx, xx);
+  check(dw.sizes() == at::IntArrayRef({1, 2, 2, 2}) && near(dw[0][1][1][0], 3 + 4 + 6 + 7), "depthwise_xcorr");
+  const auto [dgz, dgx] = visionops::_depthwise_xcorr_backward(at::ones({1, 2, 2, 2}), zx, xx);
+  check(near(dgz[0][0][1][1], 4 + 5 + 7 + 8) && near(dgx[0][1][1][1], 4.0) && near(dgx[0][1][0][0], 1.0),
+        "_depthwise_xcorr_backward");
   const std::string info = visionops::build_info();
   check(info.find(";roi_align_max_levels=8;roi_align_max_grid=65536") != std::string::npos, "build_info");
 
