@@ -2,7 +2,7 @@
 # One script for a lent GPU machine (torch preinstalled, no network): build for sm_90, run the CUDA and compiled
 # Triton tests, compute-sanitizer on small cases, and the benchmark runner on CUDA. Everything it prints also goes
 # to $OUT (or benchmarks/results/) as <card>-<date>.* files to commit. Each step runs even if an earlier one failed.
-#   bash benchmarks/gpu_check.sh            (about 6-8 minutes on an H100/H200)
+#   bash benchmarks/gpu_check.sh            (at most ~10 minutes on an H100/H200: each step has a time limit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,18 +30,32 @@ fi
 echo "build took $(( $(date +%s) - t0 )) s"
 $PY -c "import visionops; print(visionops.build_info())" || { echo "IMPORT FAILED"; exit 1; }
 
-step "tests on CUDA (compiled Triton, not interpreted)"
-VISIONOPS_TEST_CUDA=1 timeout 240 $PY -m pytest tests -q --maxfail=10 -p no:cacheprovider -k "cuda or triton" \
-  --junitxml="$out/${card}-${stamp}-tests.xml" || status=1
+# Step limits (seconds) keep the whole script within a lent machine's time; newest kernels first in each step.
+T_NEW=${T_NEW:-170} T_TESTS=${T_TESTS:-110} T_SAN=${T_SAN:-60} T_BENCH_NEW=${T_BENCH_NEW:-90} T_BENCH=${T_BENCH:-120}
+NEW_TESTS=${NEW_TESTS:-"tests/test_xcorr.py tests/test_soft_nms.py"}
+NEW_BENCH=${NEW_BENCH:-"xcorr|depthwise_xcorr|soft_nms"}
+
+step "tests on CUDA of the newest families ($NEW_TESTS; compiled Triton, not interpreted)"
+VISIONOPS_TEST_CUDA=1 timeout $T_NEW $PY -m pytest $NEW_TESTS -q --maxfail=20 -p no:cacheprovider -k "cuda" \
+  --junitxml="$out/${card}-${stamp}-tests-new.xml" || status=1
+
+step "the other tests on CUDA"
+deselect=$(for f in $NEW_TESTS; do printf -- "--ignore=%s " "$f"; done)
+VISIONOPS_TEST_CUDA=1 timeout $T_TESTS $PY -m pytest tests $deselect -q --maxfail=10 -p no:cacheprovider \
+  -k "cuda or triton" --junitxml="$out/${card}-${stamp}-tests.xml" || status=1
 
 step "compute-sanitizer memcheck on small cases"
-timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitizer_cases.py || status=1
+timeout $T_SAN compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitizer_cases.py || status=1
 
-step "benchmarks (CUDA)"
-timeout 240 $PY -m visionops.bench --device cuda --out "$out" || status=1
-for f in "$out"/bench-cuda-*.json "$out"/bench-cuda-*.png; do
-  [ -e "$f" ] && mv "$f" "$out/${card}-${stamp}-$(basename "$f" | sed 's/-[0-9]\{8\}-[0-9]\{6\}//')"
+step "benchmarks (CUDA), newest families first"
+timeout $T_BENCH_NEW $PY -m visionops.bench --device cuda --filter "$NEW_BENCH" --no-plot --out "$out/new" || status=1
+timeout $T_BENCH $PY -m visionops.bench --device cuda --filter "^(?!($NEW_BENCH) )" --out "$out" || status=1
+for f in "$out"/bench-cuda-*.json "$out"/bench-cuda-*.png "$out"/new/bench-cuda-*.json; do
+  [ -e "$f" ] || continue
+  case "$f" in */new/*) tag=new-;; *) tag=;; esac
+  mv "$f" "$out/${card}-${stamp}-${tag}$(basename "$f" | sed 's/-[0-9]\{8\}-[0-9]\{6\}//')"
 done
+rmdir "$out/new" 2>/dev/null
 
 step "done: status $status"
 exit $status

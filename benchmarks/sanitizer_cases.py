@@ -71,7 +71,18 @@ def xcorr_family():
             visionops.depthwise_xcorr(zc, xc, backend=backend).sum().backward()
 
 
-CALLS = [nms_family, roi_family, anchor_family, xcorr_family]
+def soft_nms_family():
+    b, s = boxes(300, 6), torch.rand(300).cuda()
+    idxs = torch.randint(0, 5, (300,)).cuda()
+    for backend in ("cpp", "triton"):
+        for method in ("gaussian", "linear", "hard"):
+            visionops.soft_nms(b, s, 0.3, 0.5, 0.001, method, backend=backend)
+            visionops.batched_soft_nms(b, s, idxs, 0.3, 0.5, 0.001, method, backend=backend)
+        visionops.soft_nms(b[:1], s[:1], backend=backend)
+        visionops.soft_nms(b[:0], s[:0], backend=backend)
+
+
+CALLS = [nms_family, roi_family, anchor_family, xcorr_family, soft_nms_family]
 
 if __name__ == "__main__":
     for call in CALLS:
