@@ -122,6 +122,7 @@ bool decay_tile(Boxes<T>& a, int64_t t, const T k[4], T k_area, const SoftNmsPar
   if (!any) return false;
   double* s = a.s.data() + lo;
   for (int64_t j = 0; j < len; ++j) {
+    if (s[j] != s[j]) continue;  // dead: no weight to compute (a gaussian weight is an exp call)
     const double v = s[j] * soft_nms_weight<M>(static_cast<double>(iou[j]), p);
     s[j] = soft_nms_alive(v, p) ? v : NAN;  // dead stays dead: NaN * w is NaN
   }

@@ -10,8 +10,11 @@ from visionops.bench.case import Case
 
 
 def _conv_xcorr(z, x):
+    """siamfc-pytorch's _fast_xcorr: one exemplar per search image as a grouped conv; one exemplar for all (the scale
+    pyramid of tracking) as a plain conv with one output channel."""
     b, c, hx, wx = x.shape
-    z = z.expand(b, *z.shape[1:])
+    if z.shape[0] == 1:
+        return F.conv2d(x, z) * 0.001
     return F.conv2d(x.reshape(1, b * c, hx, wx), z, groups=b).transpose(0, 1) * 0.001
 
 
