@@ -9,11 +9,11 @@ import torch
 import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import visionops
 from visionops import reference
 from visionops.testing import (
+    KernelDtypes,
     DEVICES,
     FLOAT_DTYPES,
     HALF_DTYPES,
@@ -367,19 +367,6 @@ def test_box_iou_double_backward_raises(backend):
 # ---- autocast --------------------------------------------------------------------------------------------------------
 
 
-class _Dtypes(TorchDispatchMode):
-    """The dtypes of the floating tensors each visionops op receives (below autocast in the dispatcher)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "visionops":
-            self.seen[str(func._schema.name)] = [a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()]
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("op", ["nms", "batched_nms"])
 @pytest.mark.parametrize("backend,device", [(b, d) for d in DEVICES for b in backends_for(d) if b != "reference"])
 def test_autocast_runs_in_float32(op, backend, device):
@@ -391,12 +378,12 @@ def test_autocast_runs_in_float32(op, backend, device):
     boxes, scores = clustered_boxes(100, generator=g), unique_scores(100, generator=g)
     idxs = torch.randint(0, 3, (100,), generator=g)
     args = (boxes.to(device, half), scores.to(device, half)) + ((idxs.to(device),) if op == "batched_nms" else ())
-    with _Dtypes() as mode, torch.autocast(device, dtype=half):
+    with KernelDtypes() as mode, torch.autocast(device, dtype=half):
         got = getattr(visionops, op)(*args, 0.5, backend=backend)
     assert mode.seen[f"visionops::{'triton_' if backend == 'triton' else ''}{op}"] == [torch.float32] * 2
     tv = getattr(torchvision.ops, op)(*(a.float() if a.is_floating_point() else a for a in args), 0.5)
     torch.testing.assert_close(got.cpu(), tv.cpu())
-    with _Dtypes() as mode, torch.autocast(device, dtype=half):  # float32 and float64 stay as they are
+    with KernelDtypes() as mode, torch.autocast(device, dtype=half):  # float32 and float64 stay as they are
         getattr(visionops, op)(*(a.double() if a.is_floating_point() else a for a in args), 0.5, backend=backend)
     assert list(mode.seen.values()) == [[torch.float64] * 2]
 

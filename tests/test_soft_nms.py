@@ -4,11 +4,11 @@ mmcv's published values, "hard" against visionops.nms, batched against per-class
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import visionops
 from visionops import reference
 from visionops.testing import (
+    KernelDtypes,
     DEVICES,
     Bad,
     OpConformance,
@@ -202,24 +202,13 @@ def test_score_threshold(backend, device):
     assert keep.numel() == 0 and new.numel() == 0
 
 
-class _Dtypes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "visionops":
-            self.seen[str(func._schema.name)] = [a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()]
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend,device", [(b, d) for b, d in ALL if b != "reference"])
 def test_autocast_runs_in_float32(backend, device):
     """As nms: under autocast the kernels see float32 boxes and scores; new_scores come back in float32."""
     g = torch.Generator().manual_seed(13)
     half = torch.bfloat16 if device == "cpu" else torch.float16
     boxes, scores = clustered_boxes(40, generator=g).to(device, half), unique_scores(40, generator=g).to(device, half)
-    with _Dtypes() as mode, torch.autocast(device, dtype=half):
+    with KernelDtypes() as mode, torch.autocast(device, dtype=half):
         keep, new = visionops.soft_nms(boxes, scores, backend=backend)
     assert mode.seen[f"visionops::{'triton_' if backend == 'triton' else ''}soft_nms"] == [torch.float32] * 2
     assert new.dtype == torch.float32

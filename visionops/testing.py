@@ -244,6 +244,21 @@ class _Record(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class KernelDtypes(TorchDispatchMode):
+    """Records the dtypes of the floating tensors each visionops op receives, below autocast in the dispatcher:
+    ``seen["visionops::<op>"]`` lists those of its last call (for autocast tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "visionops":
+            floats = [a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()]
+            self.seen[str(func._schema.name)] = floats
+        return func(*args, **(kwargs or {}))
+
+
 _ORACLES: Dict[tuple, tuple] = {}  # oracle answers, see OpConformance._check_against
 
 

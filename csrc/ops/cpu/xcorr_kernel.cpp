@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include "ops/common/xcorr.h"
+#include "ops/common/xcorr_entries.h"
 
 namespace visionops {
 namespace {
@@ -446,61 +447,33 @@ void xcorr_backward_kernel_impl(const at::Tensor& grad, const at::Tensor& z, con
   });
 }
 
-template <bool kSumChannels>
-at::Tensor forward_kernel(const char* op, const at::Tensor& z, const at::Tensor& x, double out_scale) {
-  check_xcorr_args(op, z, x, kSumChannels);
-  const int64_t B = x.size(0), C = x.size(1), Ho = x.size(2) - z.size(2) + 1, Wo = x.size(3) - z.size(3) + 1;
-  const at::TensorOptions opts =
-      x.options().memory_format(kSumChannels ? at::MemoryFormat::Contiguous : xcorr_out_format(x));
-  const std::vector<int64_t> shape{B, kSumChannels ? 1 : C, Ho, Wo};
-  if (B == 0 || C == 0) return at::zeros(shape, opts);
-  at::Tensor out = at::empty(shape, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xcorr_forward_cpu",
-                                  [&] { xcorr_forward_kernel_impl<kSumChannels, scalar_t>(z, x, out_scale, out); });
-  return out;
-}
+// The kernels behind the four entries of ops/common/xcorr_entries.h, which check the arguments and allocate the
+// outputs.
+struct CpuXCorr {
+  template <bool kSumChannels>
+  static void forward(const char*, const at::Tensor& z, const at::Tensor& x, double out_scale, at::Tensor& out) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xcorr_forward_cpu",
+                                    [&] { xcorr_forward_kernel_impl<kSumChannels, scalar_t>(z, x, out_scale, out); });
+  }
 
-template <bool kSumChannels>
-std::tuple<at::Tensor, at::Tensor> backward_kernel(const char* op, const at::Tensor& grad, const at::Tensor& z,
-                                                   const at::Tensor& x, double out_scale) {
-  check_xcorr_args(op, z, x, kSumChannels, &grad);
-  const at::TensorOptions opts = x.options();
-  if (x.size(0) == 0 || x.size(1) == 0)
-    return {at::zeros(z.sizes(), opts.memory_format(xcorr_out_format(z))),
-            at::zeros(x.sizes(), opts.memory_format(xcorr_out_format(x)))};
-  at::Tensor gz = at::empty(z.sizes(), opts.memory_format(xcorr_out_format(z)));
-  at::Tensor gx = at::empty(x.sizes(), opts.memory_format(xcorr_out_format(x)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xcorr_backward_cpu", [&] {
-    xcorr_backward_kernel_impl<kSumChannels, scalar_t>(grad, z, x, out_scale, gz, gx);
-  });
-  return {gz, gx};
-}
+  template <bool kSumChannels>
+  static void backward(const char*, const at::Tensor& grad, const at::Tensor& z, const at::Tensor& x, double out_scale,
+                       at::Tensor& gz, at::Tensor& gx) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xcorr_backward_cpu", [&] {
+      xcorr_backward_kernel_impl<kSumChannels, scalar_t>(grad, z, x, out_scale, gz, gx);
+    });
+  }
+};
 
-at::Tensor xcorr_forward_kernel(const at::Tensor& z, const at::Tensor& x, double out_scale) {
-  return forward_kernel<true>("xcorr", z, x, out_scale);
-}
-
-std::tuple<at::Tensor, at::Tensor> xcorr_backward_kernel(const at::Tensor& grad, const at::Tensor& z,
-                                                         const at::Tensor& x, double out_scale) {
-  return backward_kernel<true>("_xcorr_backward", grad, z, x, out_scale);
-}
-
-at::Tensor depthwise_xcorr_forward_kernel(const at::Tensor& z, const at::Tensor& x) {
-  return forward_kernel<false>("depthwise_xcorr", z, x, 1.0);
-}
-
-std::tuple<at::Tensor, at::Tensor> depthwise_xcorr_backward_kernel(const at::Tensor& grad, const at::Tensor& z,
-                                                                   const at::Tensor& x) {
-  return backward_kernel<false>("_depthwise_xcorr_backward", grad, z, x, 1.0);
-}
+using Entries = XCorrEntries<CpuXCorr>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(visionops, CPU, m) {
-  m.impl("xcorr", TORCH_FN(xcorr_forward_kernel));
-  m.impl("_xcorr_backward", TORCH_FN(xcorr_backward_kernel));
-  m.impl("depthwise_xcorr", TORCH_FN(depthwise_xcorr_forward_kernel));
-  m.impl("_depthwise_xcorr_backward", TORCH_FN(depthwise_xcorr_backward_kernel));
+  m.impl("xcorr", TORCH_FN(Entries::xcorr));
+  m.impl("_xcorr_backward", TORCH_FN(Entries::xcorr_backward));
+  m.impl("depthwise_xcorr", TORCH_FN(Entries::depthwise_xcorr));
+  m.impl("_depthwise_xcorr_backward", TORCH_FN(Entries::depthwise_xcorr_backward));
 }
 
 }  // namespace visionops

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "ops/common/xcorr.h"
+#include "ops/common/xcorr_entries.h"
 #include "ops/cuda/launch.cuh"
 
 namespace visionops {
@@ -140,94 +141,67 @@ unsigned grid_dim(int64_t n, const char* what) {
   return static_cast<unsigned>(n);
 }
 
-template <bool kSumChannels>
-at::Tensor forward_kernel(const char* op, const at::Tensor& z, const at::Tensor& x, double out_scale) {
-  check_xcorr_args(op, z, x, kSumChannels);
-  const int64_t B = x.size(0), C = x.size(1), Hz = z.size(2), Wz = z.size(3);
-  const int64_t Ho = x.size(2) - Hz + 1, Wo = x.size(3) - Wz + 1;
-  const at::TensorOptions opts =
-      x.options().memory_format(kSumChannels ? at::MemoryFormat::Contiguous : xcorr_out_format(x));
-  const std::vector<int64_t> shape{B, kSumChannels ? 1 : C, Ho, Wo};
-  if (B == 0 || C == 0) return at::zeros(shape, opts);
-  at::Tensor out = at::empty(shape, opts);
-  c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t tiles = (Ho * Wo + kTile - 1) / kTile;
-  TORCH_CHECK_VALUE(B * tiles <= int64_t(1) << 31, op, ": output too large for one launch");
-  const dim3 grid(static_cast<unsigned>(B * tiles),
-                  kSumChannels ? 1 : grid_dim((C + kShares - 1) / kShares, "channels"));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xcorr_forward_cuda", [&] {
-    xcorr_forward_kernel_impl<kSumChannels, scalar_t><<<grid, dim3(kTile, kShares), 0, stream>>>(
-        z.const_data_ptr<scalar_t>(), strides_of(z), z.size(0) == 1, x.const_data_ptr<scalar_t>(), strides_of(x), C, Hz,
-        Wz, Ho, Wo, tiles, static_cast<at::opmath_type<scalar_t>>(out_scale), out.mutable_data_ptr<scalar_t>(),
-        strides_of(out));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
-template <bool kSumChannels>
-std::tuple<at::Tensor, at::Tensor> backward_kernel(const char* op, const at::Tensor& grad, const at::Tensor& z,
-                                                   const at::Tensor& x, double out_scale) {
-  check_xcorr_args(op, z, x, kSumChannels, &grad);
-  const at::TensorOptions opts = x.options();
-  const int64_t Bz = z.size(0), B = x.size(0), C = x.size(1), Hz = z.size(2), Wz = z.size(3);
-  const int64_t Hx = x.size(2), Wx = x.size(3), Ho = Hx - Hz + 1, Wo = Wx - Wz + 1;
-  if (B == 0 || C == 0)
-    return {at::zeros(z.sizes(), opts.memory_format(xcorr_out_format(z))),
-            at::zeros(x.sizes(), opts.memory_format(xcorr_out_format(x)))};
-  at::Tensor gz = at::empty(z.sizes(), opts.memory_format(xcorr_out_format(z)));
-  at::Tensor gx = at::empty(x.sizes(), opts.memory_format(xcorr_out_format(x)));
-  c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t n = gx.numel();
-  const bool gx_cl = xcorr_out_format(x) == at::MemoryFormat::ChannelsLast;
-  TORCH_CHECK_VALUE(Bz * C <= int64_t(1) << 31, op, ": z too large for one launch");
-  const dim3 zgrid(static_cast<unsigned>(Bz * C), grid_dim((Hz * Wz + kTile - 1) / kTile, "z taps"));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xcorr_backward_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const T scale = static_cast<T>(out_scale);
-    xcorr_grad_z_kernel<kSumChannels, scalar_t><<<zgrid, dim3(kTile, kShares), 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), strides_of(grad), x.const_data_ptr<scalar_t>(), strides_of(x), C, Hz, Wz, Ho,
-        Wo, Bz == 1 ? B : 1, scale, gz.mutable_data_ptr<scalar_t>(), strides_of(gz));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    with_index_type(n, [&](auto index) {
-      using index_t = decltype(index);
-      xcorr_grad_x_kernel<kSumChannels, scalar_t, index_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          static_cast<index_t>(n), grad.const_data_ptr<scalar_t>(), strides_of(grad), z.const_data_ptr<scalar_t>(),
-          strides_of(z), Bz == 1, static_cast<index_t>(C), static_cast<index_t>(Hx), static_cast<index_t>(Wx), Hz, Wz,
-          Ho, Wo, gx_cl, scale, gx.mutable_data_ptr<scalar_t>(), strides_of(gx));
+// The kernels behind the four entries of ops/common/xcorr_entries.h, which check the arguments and allocate the
+// outputs (never empty here).
+struct CudaXCorr {
+  template <bool kSumChannels>
+  static void forward(const char* op, const at::Tensor& z, const at::Tensor& x, double out_scale, at::Tensor& out) {
+    const int64_t B = x.size(0), C = x.size(1), Hz = z.size(2), Wz = z.size(3);
+    const int64_t Ho = x.size(2) - Hz + 1, Wo = x.size(3) - Wz + 1;
+    c10::cuda::CUDAGuard guard(x.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t tiles = (Ho * Wo + kTile - 1) / kTile;
+    TORCH_CHECK_VALUE(B * tiles <= int64_t(1) << 31, op, ": output too large for one launch");
+    const dim3 grid(static_cast<unsigned>(B * tiles),
+                    kSumChannels ? 1 : grid_dim((C + kShares - 1) / kShares, "channels"));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xcorr_forward_cuda", [&] {
+      xcorr_forward_kernel_impl<kSumChannels, scalar_t><<<grid, dim3(kTile, kShares), 0, stream>>>(
+          z.const_data_ptr<scalar_t>(), strides_of(z), z.size(0) == 1, x.const_data_ptr<scalar_t>(), strides_of(x), C,
+          Hz, Wz, Ho, Wo, tiles, static_cast<at::opmath_type<scalar_t>>(out_scale), out.mutable_data_ptr<scalar_t>(),
+          strides_of(out));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  });
-  return {gz, gx};
-}
+  }
 
-at::Tensor xcorr_forward_kernel(const at::Tensor& z, const at::Tensor& x, double out_scale) {
-  return forward_kernel<true>("xcorr", z, x, out_scale);
-}
+  template <bool kSumChannels>
+  static void backward(const char* op, const at::Tensor& grad, const at::Tensor& z, const at::Tensor& x,
+                       double out_scale, at::Tensor& gz, at::Tensor& gx) {
+    const int64_t Bz = z.size(0), B = x.size(0), C = x.size(1), Hz = z.size(2), Wz = z.size(3);
+    const int64_t Hx = x.size(2), Wx = x.size(3), Ho = Hx - Hz + 1, Wo = Wx - Wz + 1;
+    c10::cuda::CUDAGuard guard(x.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t n = gx.numel();
+    const bool gx_cl = xcorr_out_format(x) == at::MemoryFormat::ChannelsLast;
+    TORCH_CHECK_VALUE(Bz * C <= int64_t(1) << 31, op, ": z too large for one launch");
+    const dim3 zgrid(static_cast<unsigned>(Bz * C), grid_dim((Hz * Wz + kTile - 1) / kTile, "z taps"));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xcorr_backward_cuda", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const T scale = static_cast<T>(out_scale);
+      xcorr_grad_z_kernel<kSumChannels, scalar_t><<<zgrid, dim3(kTile, kShares), 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), strides_of(grad), x.const_data_ptr<scalar_t>(), strides_of(x), C, Hz, Wz, Ho,
+          Wo, Bz == 1 ? B : 1, scale, gz.mutable_data_ptr<scalar_t>(), strides_of(gz));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_type(n, [&](auto index) {
+        using index_t = decltype(index);
+        xcorr_grad_x_kernel<kSumChannels, scalar_t, index_t><<<blocks_for(n), kThreads, 0, stream>>>(
+            static_cast<index_t>(n), grad.const_data_ptr<scalar_t>(), strides_of(grad), z.const_data_ptr<scalar_t>(),
+            strides_of(z), Bz == 1, static_cast<index_t>(C), static_cast<index_t>(Hx), static_cast<index_t>(Wx), Hz, Wz,
+            Ho, Wo, gx_cl, scale, gx.mutable_data_ptr<scalar_t>(), strides_of(gx));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+};
 
-std::tuple<at::Tensor, at::Tensor> xcorr_backward_kernel(const at::Tensor& grad, const at::Tensor& z,
-                                                         const at::Tensor& x, double out_scale) {
-  return backward_kernel<true>("_xcorr_backward", grad, z, x, out_scale);
-}
-
-at::Tensor depthwise_xcorr_forward_kernel(const at::Tensor& z, const at::Tensor& x) {
-  return forward_kernel<false>("depthwise_xcorr", z, x, 1.0);
-}
-
-std::tuple<at::Tensor, at::Tensor> depthwise_xcorr_backward_kernel(const at::Tensor& grad, const at::Tensor& z,
-                                                                   const at::Tensor& x) {
-  return backward_kernel<false>("_depthwise_xcorr_backward", grad, z, x, 1.0);
-}
+using Entries = XCorrEntries<CudaXCorr>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(visionops, CUDA, m) {
-  m.impl("xcorr", TORCH_FN(xcorr_forward_kernel));
-  m.impl("_xcorr_backward", TORCH_FN(xcorr_backward_kernel));
-  m.impl("depthwise_xcorr", TORCH_FN(depthwise_xcorr_forward_kernel));
-  m.impl("_depthwise_xcorr_backward", TORCH_FN(depthwise_xcorr_backward_kernel));
+  m.impl("xcorr", TORCH_FN(Entries::xcorr));
+  m.impl("_xcorr_backward", TORCH_FN(Entries::xcorr_backward));
+  m.impl("depthwise_xcorr", TORCH_FN(Entries::depthwise_xcorr));
+  m.impl("_depthwise_xcorr_backward", TORCH_FN(Entries::depthwise_xcorr_backward));
 }
 
 }  // namespace visionops
