@@ -293,18 +293,78 @@ VISIONOPS_ALWAYS_INLINE void grad_z_block(Block<T> g, Block<T> x, int64_t Ho, in
   }
 }
 
+// depthwise forward of one NCHW plane whose rows are contiguous, vectors over output columns (no conversion to
+// channels-last): out[u, v] = sum_{i < Hz, j < Wz} z[i, j] * x[u + i, v + j]. A row's last partial vector is
+// computed as the full vector ending at Wo - 1 (overlapping the one before, same values), or in scalars when the row
+// is narrower than a vector.
+template <int kBytes, typename T>
+VISIONOPS_ALWAYS_INLINE void plane_row_block(const T* z, int64_t szh, int64_t szw, const T* xr, int64_t sxh, int64_t Hz,
+                                             int64_t Wz, int64_t v, T* o) {
+  using S = Simd<kBytes, T>;
+  constexpr int64_t L = S::kLanes;
+  typename S::V a0 = S::splat(0), a1 = S::splat(0);
+  for (int64_t i = 0; i < Hz; ++i) {
+    const T* x = xr + i * sxh + v;
+    for (int64_t j = 0; j < Wz; ++j) {
+      const typename S::V w = S::splat(z[i * szh + j * szw]);
+      a0 += w * S::load(x + j);
+      a1 += w * S::load(x + j + L);
+    }
+  }
+  S::store(o + v, a0);
+  S::store(o + v + L, a1);
+}
+
+template <int kBytes, typename T>
+VISIONOPS_ALWAYS_INLINE void plane_vector(const T* z, int64_t szh, int64_t szw, const T* xr, int64_t sxh, int64_t Hz,
+                                          int64_t Wz, int64_t v, T* o) {
+  using S = Simd<kBytes, T>;
+  typename S::V a = S::splat(0);
+  for (int64_t i = 0; i < Hz; ++i)
+    for (int64_t j = 0; j < Wz; ++j) a += S::splat(z[i * szh + j * szw]) * S::load(xr + i * sxh + v + j);
+  S::store(o + v, a);
+}
+
+template <int kBytes, typename T>
+VISIONOPS_ALWAYS_INLINE void plane_block(const T* z, int64_t szh, int64_t szw, const T* x, int64_t sxh, int64_t Hz,
+                                         int64_t Wz, int64_t Ho, int64_t Wo, T* out, int64_t soh) {
+  constexpr int64_t L = Simd<kBytes, T>::kLanes;
+  for (int64_t u = 0; u < Ho; ++u) {
+    const T* xr = x + u * sxh;
+    T* o = out + u * soh;
+    int64_t v = 0;
+    for (; v + 2 * L <= Wo; v += 2 * L) plane_row_block<kBytes>(z, szh, szw, xr, sxh, Hz, Wz, v, o);
+    for (; v + L <= Wo; v += L) plane_vector<kBytes>(z, szh, szw, xr, sxh, Hz, Wz, v, o);
+    if (v < Wo && Wo >= L) {
+      plane_vector<kBytes>(z, szh, szw, xr, sxh, Hz, Wz, Wo - L, o);
+    } else {
+      for (; v < Wo; ++v) {
+        T a = 0;
+        for (int64_t i = 0; i < Hz; ++i)
+          for (int64_t j = 0; j < Wz; ++j) a += z[i * szh + j * szw] * xr[i * sxh + v + j];
+        o[v] = a;
+      }
+    }
+  }
+}
+
 // correlate_block and grad_z_block compiled for each vector width: XCORR_ISA(suffix, bytes, target) defines
 // correlate_<suffix> and grad_z_<suffix>; correlate() and grad_z() pick one by vec_bytes().
-#define XCORR_ISA(suffix, bytes, target)                                                                         \
-  template <bool kSumOut, bool kScalarB, typename T>                                                             \
-  target void correlate_##suffix(Block<T> a, Block<T> b, int64_t Kh, int64_t Kw, int64_t Og, int64_t Hout,       \
-                                 int64_t Wout, int64_t P, T* out) {                                              \
-    correlate_block<bytes, kSumOut, kScalarB>(a, b, Kh, Kw, Og, Hout, Wout, P, out);                             \
-  }                                                                                                              \
-  template <bool kScalarG, typename T>                                                                           \
-  target void grad_z_##suffix(Block<T> g, Block<T> x, int64_t Ho, int64_t Wo, int64_t Hz, int64_t Wz, int64_t P, \
-                              T* out) {                                                                          \
-    grad_z_block<bytes, kScalarG>(g, x, Ho, Wo, Hz, Wz, P, out);                                                 \
+#define XCORR_ISA(suffix, bytes, target)                                                                            \
+  template <bool kSumOut, bool kScalarB, typename T>                                                                \
+  target void correlate_##suffix(Block<T> a, Block<T> b, int64_t Kh, int64_t Kw, int64_t Og, int64_t Hout,          \
+                                 int64_t Wout, int64_t P, T* out) {                                                 \
+    correlate_block<bytes, kSumOut, kScalarB>(a, b, Kh, Kw, Og, Hout, Wout, P, out);                                \
+  }                                                                                                                 \
+  template <bool kScalarG, typename T>                                                                              \
+  target void grad_z_##suffix(Block<T> g, Block<T> x, int64_t Ho, int64_t Wo, int64_t Hz, int64_t Wz, int64_t P,    \
+                              T* out) {                                                                             \
+    grad_z_block<bytes, kScalarG>(g, x, Ho, Wo, Hz, Wz, P, out);                                                    \
+  }                                                                                                                 \
+  template <typename T>                                                                                             \
+  target void plane_##suffix(const T* z, int64_t szh, int64_t szw, const T* x, int64_t sxh, int64_t Hz, int64_t Wz, \
+                             int64_t Ho, int64_t Wo, T* out, int64_t soh) {                                         \
+    plane_block<bytes>(z, szh, szw, x, sxh, Hz, Wz, Ho, Wo, out, soh);                                              \
   }
 
 #define XCORR_NO_TARGET
@@ -334,6 +394,16 @@ void grad_z(int bytes, Block<T> g, Block<T> x, int64_t Ho, int64_t Wo, int64_t H
   grad_z_base<kScalarG>(g, x, Ho, Wo, Hz, Wz, P, out);
 }
 
+template <typename T>
+void plane(int bytes, const T* z, int64_t szh, int64_t szw, const T* x, int64_t sxh, int64_t Hz, int64_t Wz, int64_t Ho,
+           int64_t Wo, T* out, int64_t soh) {
+#if defined(XCORR_ISAS)
+  if (bytes == 64) return plane_avx512(z, szh, szw, x, sxh, Hz, Wz, Ho, Wo, out, soh);
+  if (bytes == 32) return plane_avx2(z, szh, szw, x, sxh, Hz, Wz, Ho, Wo, out, soh);
+#endif
+  plane_base(z, szh, szw, x, sxh, Hz, Wz, Ho, Wo, out, soh);
+}
+
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // out: xcorr's [B, 1, Ho, Wo] (contiguous; times out_scale) or depthwise's [B, C, Ho, Wo].
@@ -349,6 +419,19 @@ void xcorr_forward_kernel_impl(const at::Tensor& z, const at::Tensor& x, double 
   const scalar_t* zp = z.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  if constexpr (!kSumChannels && std::is_same_v<T, scalar_t>) {
+    // NCHW-like x and output (rows contiguous, channels not innermost): one plane per task, vectors over columns.
+    if (sx.w == 1 && so.w == 1 && sx.c != 1 && so.c != 1) {
+      at::parallel_for(0, B * C, 16, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / C, c = t % C;
+          plane(bytes, zp + (Bz == 1 ? 0 : b) * sz.n + c * sz.c, sz.h, sz.w, xp + b * sx.n + c * sx.c, sx.h, Hz, Wz, Ho,
+                Wo, op + b * so.n + c * so.c, so.h);
+        }
+      });
+      return;
+    }
+  }
   // xcorr: each task's sum over its channels, [B, nblk, Ho, Wo], summed over blocks in order below.
   std::vector<T> partial(kSumChannels ? B * nblk * Ho * Wo : 0);
   at::parallel_for(0, B * nblk, 1, [&](int64_t t0, int64_t t1) {
