@@ -191,18 +191,6 @@ class TestBoxIou(OpConformance):
         torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
     }
 
-    def expected_failure(self, test, case):
-        # Op bug (C++ and Triton box_iou backward, csrc/ops/common/box_iou.h box_iou_pair_backward and
-        # visionops/triton/nms.py _iou_grads; left for the op owners): for boxes that touch (intersection width or
-        # height exactly 0) the kernels pass the gradient through clamp(min=0) at 0; autograd through torchvision's
-        # box_iou (and the reference) gives 0 there with torch 2.14 (clamp's gradient at the bound is 0).
-        if case.config == "touching" and case.backend in ("cpp", "triton") and test.startswith("test_matches"):
-            return (
-                "box_iou backward: gradient through an intersection side of exactly 0 (touching boxes) is "
-                "nonzero; torchvision's autograd gives 0"
-            )
-        return None
-
     def fn(self, boxes1, boxes2, *, backend):
         return visionops.box_iou(boxes1, boxes2, backend=backend)
 

@@ -199,8 +199,8 @@ def _iou_grads(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, g):
     uni = area_a + area_b - inter
     g_inter = g * (uni + inter) / (uni * uni)
     g_area = -g * inter / (uni * uni)
-    g_w = tl.where(w_raw >= 0, g_inter * h, 0.0)
-    g_h = tl.where(h_raw >= 0, g_inter * w, 0.0)
+    g_w = tl.where(w_raw > 0, g_inter * h, 0.0)
+    g_h = tl.where(h_raw > 0, g_inter * w, 0.0)
     gax2, gbx2 = _split(ax2 < bx2, bx2 < ax2, g_w)
     gay2, gby2 = _split(ay2 < by2, by2 < ay2, g_h)
     gax1, gbx1 = _split(ax1 > bx1, bx1 > ax1, -g_w)

@@ -30,7 +30,8 @@ VISIONOPS_HOST_DEVICE inline T box_iou_pair(const T* a, T area_a, const T* b, T 
 namespace visionops {
 
 // d iou / d (a, b) for one pair, scaled by `g`; matches autograd through torchvision's box_iou formula
-// (maximum/minimum split the gradient on ties, clamp(min=0) passes it at 0). Accumulates into ga[4], gb[4].
+// (maximum/minimum split the gradient on ties; clamp(min=0) passes none at 0, as torch 2.14). Accumulates into
+// ga[4], gb[4].
 template <typename T>
 VISIONOPS_HOST_DEVICE inline void box_iou_pair_backward(const T* a, const T* b, T g, T* ga, T* gb) {
   const T area_a = (a[2] - a[0]) * (a[3] - a[1]);
@@ -43,8 +44,8 @@ VISIONOPS_HOST_DEVICE inline void box_iou_pair_backward(const T* a, const T* b, 
   const T uni = area_a + area_b - inter;
   const T g_inter = g * (uni + inter) / (uni * uni);
   const T g_area = -g * inter / (uni * uni);
-  const T g_w = w_raw >= T(0) ? g_inter * h : T(0);
-  const T g_h = h_raw >= T(0) ? g_inter * w : T(0);
+  const T g_w = w_raw > T(0) ? g_inter * h : T(0);
+  const T g_h = h_raw > T(0) ? g_inter * w : T(0);
   // area terms
   ga[0] -= g_area * (a[3] - a[1]);
   ga[2] += g_area * (a[3] - a[1]);
