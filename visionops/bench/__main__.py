@@ -1,7 +1,7 @@
 """`python -m visionops.bench`: visionops against its baseline (torchvision / PyTorch), one table per device.
 
-CPU by default, plus CUDA when a GPU is available (--device picks). Threads are pinned (default 2, as the issues'
-CPU targets assume). Results go to a JSON file and a PNG plot of the ratios.
+CPU by default, plus CUDA when a GPU is available (--device picks). Threads are pinned (default 2: ratios depend on
+the thread count and the CPU, which the table names). Results go to a JSON file and a PNG plot of the ratios.
 """
 
 import argparse

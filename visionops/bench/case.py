@@ -18,6 +18,6 @@ class Case:
     baseline: str = "torchvision"
     quick: bool = False  # part of `--quick`
     devices: Tuple[str, ...] = ("cpu", "cuda")
-    target: float = 0.0  # ratio the issue asks for on CPU (0: none); shown next to the measured ratio
+    target: float = 0.0  # the ratio this case is meant to reach on the CPU (0: none), for developers; not printed
     gpu_target: float = 0.0  # same on CUDA
     tags: dict = field(default_factory=dict)
