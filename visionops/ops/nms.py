@@ -221,3 +221,99 @@ for _name, _ref in (("soft_nms", reference.soft_nms), ("batched_soft_nms", refer
         )
     )
 del _name, _ref
+
+
+# ---- Matrix NMS --------------------------------------------------------------------------------------------------
+
+from visionops.ops._checks import check_int  # noqa: E402
+from visionops.reference.nms import MATRIX_NMS_KERNELS, matrix_nms as _reference_matrix_nms  # noqa: E402
+
+__all__ += ["matrix_nms"]
+
+
+def matrix_nms(
+    boxes_or_masks: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    *,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+    score_threshold: float = 0.0,
+    max_num: int = -1,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """Matrix NMS (SOLOv2, Wang et al. 2020): every score decayed at once, without sequential selection; the
+    semantics of mmdetection's ``mask_matrix_nms``, for boxes and for masks.
+
+    With the inputs ranked by decreasing score (ties: input order), box j's score is multiplied by::
+
+        decay_j = min(1, min over higher-ranked i of the same label of f(iou_ij) / f(comp_i))
+        comp_i  = max over higher-ranked k of the same label of iou_ki          (0 when none)
+        f(x)    = exp(-sigma * x**2)  ("gaussian")  or  1 - x  ("linear")
+
+    A NaN IoU (two empty masks, zero-area boxes) counts as 0. Boxes of different labels never decay each other.
+
+    Args:
+        boxes_or_masks: boxes Tensor[N, 4] of (x1, y1, x2, y2), floating point (box IoU in float32 for
+            float32/float16/bfloat16, float64 for float64); or binary masks Tensor[N, H, W], bool or floating point
+            (mask IoU = inter / (area_i + area_j - inter) in float32, inter from one matmul of the flattened masks).
+        scores: Tensor[N], floating point.
+        labels: Tensor[N], integer.
+        kernel: "gaussian" or "linear".
+        sigma: the gaussian's factor (> 0; multiplies iou**2, unlike soft_nms's divisor); unused by "linear".
+        score_threshold: boxes whose decayed score is >= score_threshold are returned.
+        max_num: at most this many boxes are returned (-1: all).
+        backend: "auto", "cpp", "triton" or "reference" (see ``visionops._registry``).
+
+    Returns:
+        (keep, new_scores): Tensor[K] int64 input indices by decreasing decayed score (ties by rank), and Tensor[K]
+        their decayed scores (computed in float64) in the scores' dtype. Not differentiable.
+    """
+    b = boxes_or_masks
+    if not isinstance(b, Tensor):
+        raise TypeError(f"matrix_nms: boxes_or_masks must be a torch.Tensor, got {type(b).__name__}")
+    if b.dim() == 2:
+        check_boxes("boxes_or_masks", b)
+    elif b.dim() == 3:
+        if not (b.is_floating_point() or b.dtype == torch.bool):
+            raise TypeError(f"matrix_nms: boxes_or_masks (masks) must be bool or floating point, got {b.dtype}")
+    else:
+        raise ValueError(f"matrix_nms: boxes_or_masks must be boxes [N, 4] or masks [N, H, W], got {list(b.shape)}")
+    check_tensor("scores", scores, floating=True, dim=1)
+    check_tensor("labels", labels, integer=True, dim=1)
+    names = ("boxes_or_masks", "scores", "labels")
+    check_same_length(names, (b, scores, labels))
+    check_same_device(names, (b, scores, labels))
+    if not isinstance(kernel, str):
+        raise TypeError(f"matrix_nms: kernel must be a string, one of {MATRIX_NMS_KERNELS}, got {kernel!r}")
+    if kernel not in MATRIX_NMS_KERNELS:
+        raise ValueError(f"matrix_nms: kernel must be one of {MATRIX_NMS_KERNELS}, got {kernel!r}")
+    sig = check_number("sigma", sigma)
+    if kernel == "gaussian" and not sig > 0:
+        raise ValueError(f"matrix_nms: sigma must be > 0 for the gaussian kernel, got {sigma}")
+    thr = check_number("score_threshold", score_threshold)
+    max_num = check_int("max_num", max_num)
+    if max_num < -1:
+        raise ValueError(f"matrix_nms: max_num must be >= 0, or -1 for all, got {max_num}")
+    return registry.dispatch("matrix_nms", backend, b.device)(b, scores, labels, kernel, sig, thr, max_num)
+
+
+def _matrix_nms_check(boxes_or_masks, scores, labels, kernel, sigma, score_threshold, max_num):
+    """Schema-level checks of the Triton op (the C++ op checks in C++)."""
+    if kernel not in MATRIX_NMS_KERNELS:
+        raise ValueError(f"matrix_nms: kernel must be one of {MATRIX_NMS_KERNELS}, got {kernel!r}")
+    if kernel == "gaussian" and not sigma > 0:
+        raise ValueError(f"matrix_nms: sigma must be > 0 for the gaussian kernel, got {sigma}")
+
+
+# A selection: no gradient. Under autocast, float32 (as nms); bool masks are not cast.
+registry.declare(
+    registry.OpDef(
+        "matrix_nms",
+        _reference_matrix_nms,
+        _soft_nms_fake,
+        triton="visionops.triton.matrix_nms",
+        autocast=torch.float32,
+        check=_matrix_nms_check,
+    )
+)

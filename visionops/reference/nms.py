@@ -150,3 +150,75 @@ def batched_soft_nms(
     by_rank = torch.sort(rank, stable=True).indices
     order = by_rank[torch.sort(kept[by_rank], descending=True, stable=True).indices]
     return keep[order], kept[order].to(scores.dtype)
+
+
+# ---- Matrix NMS -------------------------------------------------------------------------------------------------
+
+MATRIX_NMS_KERNELS = ("gaussian", "linear")
+
+
+def _matrix_nms_iou(boxes_or_masks: Tensor) -> Tensor:
+    """Pairwise IoU [N, N], row i the first operand; NaN (0 / 0) and -0 become 0. Boxes in their opmath type; masks
+    in float32 from one matmul of the flattened masks (areas are their sums)."""
+    if boxes_or_masks.dim() == 3:
+        flat = boxes_or_masks.reshape(boxes_or_masks.shape[0], -1).float()
+        inter = flat @ flat.T
+        area = flat.sum(1)
+        iou = inter / ((area[:, None] + area[None, :]) - inter)
+    else:
+        b = _opmath(boxes_or_masks)
+        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        lt = torch.maximum(b[:, None, :2], b[None, :, :2])
+        rb = torch.minimum(b[:, None, 2:], b[None, :, 2:])
+        wh = (rb - lt).clamp(min=0)
+        inter = wh[..., 0] * wh[..., 1]
+        iou = inter / ((area[:, None] + area[None, :]) - inter)
+    return torch.where(iou > 0, iou, torch.zeros_like(iou))
+
+
+def _matrix_nms_f(x: Tensor, kernel: str, sigma: float) -> Tensor:
+    return torch.exp(-(sigma * (x * x))) if kernel == "gaussian" else 1.0 - x
+
+
+def matrix_nms(
+    boxes_or_masks: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    kernel: str,
+    sigma: float,
+    score_threshold: float,
+    max_num: int,
+):
+    """Matrix NMS (SOLOv2, Wang et al. 2020): every score decayed at once. Returns (keep, new_scores).
+
+    With the boxes (or masks) ranked by decreasing score (stable) and iou the pairwise IoU (NaN counted as 0)::
+
+        comp_i  = max over higher-ranked k with label_k == label_i of iou[k, i]        (0 when none)
+        decay_j = min(1, min over higher-ranked i with label_i == label_j of f(iou[i, j]) / f(comp_i))
+        f(x)    = exp(-sigma * x**2)  ("gaussian")  or  1 - x  ("linear")
+
+    A NaN ratio (0 / 0, "linear" with comp_i = iou[i, j] = 1) is ignored. The decayed score is score_j * decay_j in
+    float64; ``keep`` holds the input indices whose decayed score is >= score_threshold, by decreasing decayed score
+    (ties by rank), at most ``max_num`` of them (-1: all); ``new_scores`` their decayed scores in the scores' dtype.
+    Box IoU is computed in the boxes' precision (float32 for float32/float16/bfloat16), mask IoU in float32 from the
+    intersection matmul; the rest in float64. This builds the N x N matrices: it is the definition, not a kernel.
+    """
+    n = scores.shape[0]
+    device = scores.device
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=device), scores.new_zeros(0)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    iou = _matrix_nms_iou(boxes_or_masks[order]).double()
+    lab = labels[order]
+    pair = (lab[:, None] == lab[None, :]) & torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+    comp = torch.where(pair, iou, 0.0).amax(0)
+    ratio = _matrix_nms_f(iou, kernel, sigma) / _matrix_nms_f(comp, kernel, sigma)[:, None]
+    ratio = torch.where(pair & ~ratio.isnan(), ratio, torch.inf)
+    decay = ratio.amin(0).clamp(max=1.0)
+    new = scores[order].double() * decay
+    sel = torch.nonzero(new >= score_threshold).flatten()
+    best = torch.sort(new[sel], descending=True, stable=True).indices
+    if max_num >= 0:
+        best = best[:max_num]
+    sel = sel[best]
+    return order[sel], new[sel].to(scores.dtype)

@@ -154,3 +154,82 @@ CASES = [
     ),
     Case("box_iou", "1k x 1k [triton]", box_iou_case(1_000, 1_000, backend="triton"), devices=("cuda",)),
 ]
+
+
+# ---- Matrix NMS: against the N x N formulation of mmdetection's mask_matrix_nms ----------------------------------
+
+
+def matrix_nms_baseline(boxes_or_masks, scores, labels, kernel="gaussian", sigma=2.0):
+    """mmdetection's ``mask_matrix_nms`` (filter_thr -1, nms_pre -1, max_num -1) as plain PyTorch, for boxes too:
+    the N x N IoU, label and decay matrices. Returns (keep, new_scores) by decreasing new score."""
+    import torchvision
+
+    scores, order = torch.sort(scores, descending=True, stable=True)
+    labels = labels[order]
+    n = len(labels)
+    if boxes_or_masks.dim() == 3:
+        flat = boxes_or_masks[order].reshape(n, -1).float()
+        inter = torch.mm(flat, flat.T)
+        area = flat.sum(1).expand(n, n)
+        iou = (inter / (area + area.T - inter)).triu(diagonal=1)
+    else:
+        iou = torchvision.ops.box_iou(boxes_or_masks[order], boxes_or_masks[order]).triu(diagonal=1)
+    expanded = labels.expand(n, n)
+    label_matrix = (expanded == expanded.T).triu(diagonal=1)
+    compensate = (iou * label_matrix).max(0)[0].expand(n, n).T
+    decay_iou = iou * label_matrix
+    if kernel == "gaussian":
+        decay = (torch.exp(-sigma * decay_iou**2) / torch.exp(-sigma * compensate**2)).min(0)[0]
+    else:
+        decay = ((1 - decay_iou) / (1 - compensate)).min(0)[0]
+    new = scores * decay
+    new, best = torch.sort(new, descending=True)
+    return order[best], new
+
+
+def _matrix_nms_inputs(n, labels, device, masks=None):
+    from visionops.testing import clustered_boxes, unique_scores
+
+    g = torch.Generator().manual_seed(0)
+    boxes = clustered_boxes(n, objects=max(5, n // 100), generator=g)
+    scores = unique_scores(n, generator=g)
+    lab = torch.randint(0, labels, (n,), generator=g)
+    if masks is not None:  # boxes rasterised on a masks x masks grid (box coordinates scaled to it)
+        grid = torch.arange(masks, dtype=torch.float32) + 0.5
+        b = (boxes - boxes.min()) / (boxes.max() - boxes.min()) * masks
+        inside_x = (grid[None, :] >= b[:, 0:1]) & (grid[None, :] < b[:, 2:3])
+        inside_y = (grid[None, :] >= b[:, 1:2]) & (grid[None, :] < b[:, 3:4])
+        boxes = inside_y[:, :, None] & inside_x[:, None, :]
+    return boxes.to(device), scores.to(device), lab.to(device)
+
+
+def _same_matrix(ours, base):
+    """Same scores (float32 tolerance: the baseline decays in float32) and the same order where they differ."""
+    torch.testing.assert_close(ours[1].cpu(), base[1].cpu(), rtol=1e-4, atol=1e-6)
+    assert torch.equal(ours[1].cpu().sort(descending=True).values, ours[1].cpu()), "visionops: not sorted"
+
+
+def matrix_nms_case(n, labels, masks=None, backend="auto"):
+    def make(device):
+        data = _matrix_nms_inputs(n, labels, device, masks)
+        return (
+            lambda: visionops.matrix_nms(*data, backend=backend),
+            lambda: matrix_nms_baseline(*data),
+            _same_matrix,
+        )
+
+    return make
+
+
+CASES += [
+    Case("matrix_nms", "2k clustered boxes / 80 labels", matrix_nms_case(2_000, 80), baseline="N x N PyTorch", quick=True),
+    Case("matrix_nms", "10k clustered boxes / 80 labels", matrix_nms_case(10_000, 80), baseline="N x N PyTorch"),
+    Case("matrix_nms", "500 masks 64x64 / 80 labels", matrix_nms_case(500, 80, masks=64), baseline="N x N PyTorch"),
+    Case(
+        "matrix_nms",
+        "10k clustered boxes / 80 labels [triton]",
+        matrix_nms_case(10_000, 80, backend="triton"),
+        baseline="N x N PyTorch",
+        devices=("cuda",),
+    ),
+]
