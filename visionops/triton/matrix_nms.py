@@ -171,5 +171,11 @@ def compile_specs():
         for g in (False, True)
         for d in (False, True)
     ]
-    specs.append((matrix_nms_kernel, {**sig, "src_ptr": "*fp64", "area_ptr": "*fp64"}, {"MASKS": False, "GAUSSIAN": True, "DECAY": True, **blocks}))
+    specs.append(
+        (
+            matrix_nms_kernel,
+            {**sig, "src_ptr": "*fp64", "area_ptr": "*fp64"},
+            {"MASKS": False, "GAUSSIAN": True, "DECAY": True, **blocks},
+        )
+    )
     return specs

@@ -56,8 +56,7 @@ struct MatrixNmsBoxes {
   VISIONOPS_HOST_DEVICE inline T iou(int64_t i, int64_t j) const {
     const T a[4] = {planes[i], planes[n + i], planes[2 * n + i], planes[3 * n + i]};
     const T b[4] = {planes[j], planes[n + j], planes[2 * n + j], planes[3 * n + j]};
-    return matrix_nms_clean_iou(
-        box_iou_pair(a, box_area(a[0], a[1], a[2], a[3]), b, box_area(b[0], b[1], b[2], b[3])));
+    return matrix_nms_clean_iou(box_iou_pair(a, box_area(a[0], a[1], a[2], a[3]), b, box_area(b[0], b[1], b[2], b[3])));
   }
 };
 
@@ -73,8 +72,8 @@ struct MatrixNmsMasks {
 };
 
 inline bool matrix_nms_gaussian(const char* op, const std::string& kernel) {
-  TORCH_CHECK_VALUE(kernel == "gaussian" || kernel == "linear", op, ": kernel must be \"gaussian\" or \"linear\", got \"",
-                    kernel, "\"");
+  TORCH_CHECK_VALUE(kernel == "gaussian" || kernel == "linear", op,
+                    ": kernel must be \"gaussian\" or \"linear\", got \"", kernel, "\"");
   return kernel == "gaussian";
 }
 
@@ -85,16 +84,16 @@ inline void check_matrix_nms_args(const char* op, const at::Tensor& boxes_or_mas
                     ": boxes_or_masks must be boxes [N, 4] or masks [N, H, W], got ", b.sizes());
   TORCH_CHECK_TYPE(b.is_floating_point() || (b.dim() == 3 && b.scalar_type() == at::kBool), op,
                    ": boxes_or_masks must be floating point (masks: or bool), got ", b.scalar_type());
-  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == b.size(0), op, ": scores must have shape [N] with N = ",
-                    b.size(0), ", got ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == b.size(0), op,
+                    ": scores must have shape [N] with N = ", b.size(0), ", got ", scores.sizes());
   TORCH_CHECK_TYPE(scores.is_floating_point(), op, ": scores must be a floating-point tensor, got ",
                    scores.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == b.size(0), op, ": labels must have shape [N] with N = ",
-                    b.size(0), ", got ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == b.size(0), op,
+                    ": labels must have shape [N] with N = ", b.size(0), ", got ", labels.sizes());
   TORCH_CHECK_TYPE(!labels.is_floating_point() && !labels.is_complex() && labels.scalar_type() != at::kBool, op,
                    ": labels must be an integer tensor, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(!matrix_nms_gaussian(op, kernel) || sigma > 0, op, ": sigma must be > 0 for the gaussian kernel, got ",
-                    sigma);
+  TORCH_CHECK_VALUE(!matrix_nms_gaussian(op, kernel) || sigma > 0, op,
+                    ": sigma must be > 0 for the gaussian kernel, got ", sigma);
   TORCH_CHECK_VALUE(b.device() == scores.device() && b.device() == labels.device(), op,
                     ": boxes_or_masks, scores and labels must be on one device");
 }

@@ -43,8 +43,7 @@ inline void iou_row(const Src& src, int64_t i, int64_t lo, int64_t hi, T* out) {
 }
 
 template <typename T, bool kGaussian, typename Src>
-void matrix_nms_decay_impl(const Src& src, const std::vector<Item>& items, double sigma, double* fcomp,
-                           double* decay) {
+void matrix_nms_decay_impl(const Src& src, const std::vector<Item>& items, double sigma, double* fcomp, double* decay) {
   // comp: column maxima over the higher-scored rows of the label
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
     T iou[kBlock], comp[kBlock];
@@ -99,16 +98,17 @@ struct CpuKernels {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> matrix_nms_forward_kernel(const at::Tensor& boxes_or_masks,
-                                                             const at::Tensor& scores, const at::Tensor& labels,
-                                                             c10::string_view kernel, double sigma,
-                                                             double score_threshold, int64_t max_num) {
+std::tuple<at::Tensor, at::Tensor> matrix_nms_forward_kernel(const at::Tensor& boxes_or_masks, const at::Tensor& scores,
+                                                             const at::Tensor& labels, c10::string_view kernel,
+                                                             double sigma, double score_threshold, int64_t max_num) {
   return matrix_nms_entry<CpuKernels>(boxes_or_masks, scores, labels, std::string(kernel), sigma, score_threshold,
                                       max_num);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(visionops, CPU, m) { m.impl("matrix_nms", TORCH_FN(matrix_nms_forward_kernel)); }
+TORCH_LIBRARY_IMPL(visionops, CPU, m) {
+  m.impl("matrix_nms", TORCH_FN(matrix_nms_forward_kernel));
+}
 
 }  // namespace visionops

@@ -102,10 +102,9 @@ struct CudaKernels {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> matrix_nms_forward_kernel(const at::Tensor& boxes_or_masks,
-                                                             const at::Tensor& scores, const at::Tensor& labels,
-                                                             c10::string_view kernel, double sigma,
-                                                             double score_threshold, int64_t max_num) {
+std::tuple<at::Tensor, at::Tensor> matrix_nms_forward_kernel(const at::Tensor& boxes_or_masks, const at::Tensor& scores,
+                                                             const at::Tensor& labels, c10::string_view kernel,
+                                                             double sigma, double score_threshold, int64_t max_num) {
   c10::cuda::CUDAGuard guard(boxes_or_masks.device());
   return matrix_nms_entry<CudaKernels>(boxes_or_masks, scores, labels, std::string(kernel), sigma, score_threshold,
                                        max_num);
@@ -113,6 +112,8 @@ std::tuple<at::Tensor, at::Tensor> matrix_nms_forward_kernel(const at::Tensor& b
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(visionops, CUDA, m) { m.impl("matrix_nms", TORCH_FN(matrix_nms_forward_kernel)); }
+TORCH_LIBRARY_IMPL(visionops, CUDA, m) {
+  m.impl("matrix_nms", TORCH_FN(matrix_nms_forward_kernel));
+}
 
 }  // namespace visionops

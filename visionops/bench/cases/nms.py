@@ -222,7 +222,9 @@ def matrix_nms_case(n, labels, masks=None, backend="auto"):
 
 
 CASES += [
-    Case("matrix_nms", "2k clustered boxes / 80 labels", matrix_nms_case(2_000, 80), baseline="N x N PyTorch", quick=True),
+    Case(
+        "matrix_nms", "2k clustered boxes / 80 labels", matrix_nms_case(2_000, 80), baseline="N x N PyTorch", quick=True
+    ),
     Case("matrix_nms", "10k clustered boxes / 80 labels", matrix_nms_case(10_000, 80), baseline="N x N PyTorch"),
     Case("matrix_nms", "500 masks 64x64 / 80 labels", matrix_nms_case(500, 80, masks=64), baseline="N x N PyTorch"),
     Case(
