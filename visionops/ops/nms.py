@@ -256,7 +256,8 @@ def matrix_nms(
     Args:
         boxes_or_masks: boxes Tensor[N, 4] of (x1, y1, x2, y2), floating point (box IoU in float32 for
             float32/float16/bfloat16, float64 for float64); or binary masks Tensor[N, H, W], bool or floating point
-            (mask IoU = inter / (area_i + area_j - inter) in float32, inter from one matmul of the flattened masks).
+            (mask IoU = inter / (area_i + area_j - inter) in float32; inter from a matmul of the flattened masks,
+            exact for binary masks).
         scores: Tensor[N], floating point.
         labels: Tensor[N], integer.
         kernel: "gaussian" or "linear".

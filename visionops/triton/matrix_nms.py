@@ -4,8 +4,8 @@ The inputs are ordered label-major, by decreasing score within a label, and star
 label: pairs (i, j) with start[j] <= i < j are the same-label, higher-scored ones. One program per BLOCK_J positions
 j walks the rows i from the label start of its first position in [BLOCK_I, BLOCK_J] tiles, two launches of one
 kernel: comp (column maxima of IoU), then decay (column minima of f(iou) / f(comp_i), capped at 1). Box IoU uses
-visionops/triton/nms.py's formula in the boxes' opmath type; mask IoU reads the intersection matrix (one matmul of
-the flattened masks) and the areas. f, the ratios and the decayed scores are float64, as in the C++ kernels.
+visionops/triton/nms.py's formula in the boxes' opmath type; mask IoU reads the intersections (a matmul of the
+flattened masks per label) and the areas. f, the ratios and the decayed scores are float64, as in the C++ kernels.
 """
 
 import torch
@@ -113,7 +113,12 @@ def triton_matrix_nms(
     masks = boxes_or_masks.dim() == 3
     if masks:
         flat = boxes_or_masks[perm].reshape(n, -1).float()
-        src = (flat @ flat.T).contiguous()
+        src = torch.empty(n, n, dtype=torch.float32, device=device)
+        g0 = 0
+        for c in torch.unique_consecutive(lab, return_counts=True)[1].tolist():
+            if c > 1:  # only the diagonal blocks (same label) are read: one matmul per label
+                src[g0 : g0 + c, g0 : g0 + c] = flat[g0 : g0 + c] @ flat[g0 : g0 + c].T
+            g0 += c
         area = flat.sum(1).contiguous()
     else:
         b = boxes_or_masks[perm]

@@ -9,8 +9,9 @@
 //   f(x)    = exp(-sigma * x^2) (gaussian) or 1 - x (linear)
 // A NaN IoU (0 / 0: empty masks, zero-area boxes) counts as 0, and a NaN ratio (0 / 0: linear, identical boxes)
 // never lowers decay_j. Box IoU is box_iou_pair in the boxes' opmath type, mask IoU inter / (area_i + area_j -
-// inter) in float32 from one matmul; f, the ratios, the decayed scores and their comparisons are float64. The
-// kernels run two passes over the pairs (comp, then decay), never materialising the N x N matrices for boxes.
+// inter) in float32 from a matmul per label (exact for binary masks); f, the ratios, the decayed scores and their
+// comparisons are float64. The kernels run two passes over the pairs (comp, then decay), never materialising the N x N
+// matrices for boxes.
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -22,8 +23,11 @@
 #include <ATen/ops/cummax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mv.h>
 #include <ATen/ops/nonzero.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/sort.h>
+#include <ATen/ops/unique_consecutive.h>
 
 #include "ops/common/box_iou.h"
 
@@ -131,8 +135,18 @@ std::tuple<at::Tensor, at::Tensor> matrix_nms_entry(const at::Tensor& boxes_or_m
   const bool masks = boxes_or_masks.dim() == 3;
   if (masks) {
     const at::Tensor flat = boxes_or_masks.index_select(0, perm).reshape({n, -1}).to(at::kFloat);
-    src = at::mm(flat, flat.t()).contiguous();
-    area = flat.sum(1).contiguous();
+    // Only the diagonal blocks (same label) are read: one matmul per label instead of the N x N product.
+    src = at::empty({n, n}, flat.options());
+    const at::Tensor counts = std::get<2>(at::unique_consecutive(lab, false, true)).cpu();
+    int64_t g0 = 0;
+    for (int64_t c : c10::ArrayRef<int64_t>(counts.data_ptr<int64_t>(), counts.numel())) {
+      if (c > 1) {
+        const at::Tensor rows = flat.narrow(0, g0, c);
+        src.narrow(0, g0, c).narrow(1, g0, c).copy_(at::mm(rows, rows.t()));
+      }
+      g0 += c;
+    }
+    area = at::mv(flat, at::ones({flat.size(1)}, flat.options()));  // a BLAS call: faster than sum(1) here
     if (gaussian) Kernels::template decay<float, true, true>(src, area, start, sigma, fcomp, decay);
     else Kernels::template decay<float, true, false>(src, area, start, sigma, fcomp, decay);
   } else {

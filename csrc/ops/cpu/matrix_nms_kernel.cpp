@@ -20,6 +20,9 @@ namespace visionops {
 namespace {
 
 constexpr int64_t kBlock = 128;
+// Below this many pairs one thread does a pass: waking the pool costs more than the pass (and far more on a busy
+// machine, where each parallel region waits for every thread to be scheduled).
+constexpr int64_t kParallelPairs = 1 << 18;
 
 struct Item {
   int64_t start, lo, hi;  // the label's first position; the block [lo, hi) of positions j
@@ -44,8 +47,11 @@ inline void iou_row(const Src& src, int64_t i, int64_t lo, int64_t hi, T* out) {
 
 template <typename T, bool kGaussian, typename Src>
 void matrix_nms_decay_impl(const Src& src, const std::vector<Item>& items, double sigma, double* fcomp, double* decay) {
+  int64_t pairs = 0;
+  for (const Item& it : items) pairs += (it.hi - it.start) * (it.hi - it.lo);
+  const int64_t grain = pairs < kParallelPairs ? static_cast<int64_t>(items.size()) : 1;
   // comp: column maxima over the higher-scored rows of the label
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t b, int64_t e) {
     T iou[kBlock], comp[kBlock];
     for (int64_t t = b; t < e; ++t) {
       const Item it = items[t];
@@ -60,7 +66,7 @@ void matrix_nms_decay_impl(const Src& src, const std::vector<Item>& items, doubl
     }
   });
   // decay: a zero IoU gives a ratio 1 / f(comp_i) >= 1, which never lowers the minimum (it starts at 1)
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t b, int64_t e) {
     T iou[kBlock];
     double d[kBlock];
     for (int64_t t = b; t < e; ++t) {
