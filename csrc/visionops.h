@@ -224,4 +224,16 @@ inline std::string build_info() {
   return handle.call();
 }
 
+// Matrix NMS (SOLOv2; mmdetection's mask_matrix_nms) on boxes [N, 4] or binary masks [N, H, W]: (input indices with
+// decayed score >= score_threshold by decreasing decayed score, at most max_num (-1: all); their decayed scores).
+// kernel: "gaussian" (exp(-sigma * iou^2)) or "linear" (visionops/reference/nms.py matrix_nms).
+inline detail::TensorPair matrix_nms(const at::Tensor& boxes_or_masks, const at::Tensor& scores,
+                                     const at::Tensor& labels, c10::string_view kernel, double sigma,
+                                     double score_threshold, int64_t max_num) {
+  static const auto handle =
+      detail::op<detail::TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, double,
+                                    double, int64_t)>("visionops::matrix_nms");
+  return handle.call(boxes_or_masks, scores, labels, kernel, sigma, score_threshold, max_num);
+}
+
 }  // namespace visionops
