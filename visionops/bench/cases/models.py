@@ -70,7 +70,41 @@ def _siamfc_step(batch):
     return make
 
 
+def _retinanet_eval(batch, size):
+    def make(device):
+        from visionops.models.detection import RetinaNet
+
+        nets = {}
+        for b in ("visionops", "pytorch"):
+            net = RetinaNet(91, b, score_threshold=0.05, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():  # head weights of a trained scale, so that post-processing has candidates to sort
+                net.classification_head.out.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+            nets[b] = net.eval().to(device)
+        images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
+
+        def forward(net):
+            @torch.no_grad()
+            def run():
+                return net(images, fixed_shape=True)
+
+            return run
+
+        def check(ours, base):
+            assert torch.equal(ours[3], base[3])
+            torch.testing.assert_close(ours[1], base[1], atol=1e-4, rtol=1e-3)
+
+        return forward(nets["visionops"]), forward(nets["pytorch"]), check
+
+    return make
+
+
 CASES = [
     Case("fasterrcnn_e2e", "resnet50_fpn eval, 2 images 480x640", _fasterrcnn(480, 2), baseline="torchvision"),
     Case("siamfc_train_step", "B8 127/255 crops, fwd+bwd", _siamfc_step(8), baseline="PyTorch grouped conv"),
+    Case(
+        "retinanet_eval",
+        "B4 320x320, 91 classes, fwd + multiclass NMS",
+        _retinanet_eval(4, 320),
+        baseline="torchvision ops, per-image NMS loop",
+    ),
 ]
