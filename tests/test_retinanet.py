@@ -5,6 +5,7 @@ under torch.export (dynamic batch), torch.compile(fullgraph=True) and CUDA graph
 import pytest
 import torch
 import torchvision
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.export import Dim
 from torchvision.models.detection import _utils as tv_det_utils
 from torchvision.models.detection.retinanet import RetinaNetHead
@@ -184,13 +185,17 @@ def test_export_with_dynamic_batch():
 
 def test_compile_fullgraph():
     model = _exportable()
-    images = _eval_images(2)
-    compiled = torch.compile(model.detect, fullgraph=True, dynamic=True, backend="aot_eager")
-    with torch.no_grad():
-        expected = model(images, fixed_shape=True)
-        got = compiled(images)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model.detect, fullgraph=True, backend=counter)  # fullgraph: a graph break raises
+    for n in (2, 3):
+        images = _eval_images(n, seed=n)
+        torch._dynamo.mark_dynamic(images, 0)  # the batch only: H and W stay static, as in export
+        with torch.no_grad():
+            expected = model(images, fixed_shape=True)
+            got = compiled(images)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1  # one graph serves both batch sizes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -22,7 +22,6 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as tv_det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
-from torchvision.models.detection.image_list import ImageList
 
 import visionops
 from visionops.models import check_backend
@@ -57,7 +56,8 @@ def _multiclass_nms_pytorch(
     out_classes = torch.full((b, max_total), -1, dtype=torch.int64, device=scores.device)
     num = torch.zeros(b, dtype=torch.int64, device=scores.device)
     for i in range(b):
-        anchor, cls = (scores[i] > score_threshold).nonzero(as_tuple=True)
+        # the threshold compared in float64, as multiclass_nms (a float32 comparison rounds it to float32 first)
+        anchor, cls = (scores[i].double() > score_threshold).nonzero(as_tuple=True)
         cand_boxes, cand_scores = boxes[i][anchor], scores[i][anchor, cls]
         keep = torchvision.ops.batched_nms(cand_boxes, cand_scores, cls, iou_threshold)  # by decreasing score
         per_class = [keep[cls[keep] == c][:max_per_class] for c in range(k)]
@@ -80,7 +80,7 @@ _OPS: Dict[str, _Ops] = {
         decode=lambda d, a, size: visionops.decode_boxes(d, a, _WEIGHTS, _XFORM_CLIP, size),
         encode=lambda gt, a: visionops.encode_boxes(gt, a, _WEIGHTS),
         box_iou=visionops.box_iou,
-        multiclass_nms=lambda *args: getattr(visionops, "multiclass_nms")(*args, class_agnostic=False),
+        multiclass_nms=lambda *args: visionops.multiclass_nms(*args, class_agnostic=False),
     ),
     "pytorch": _Ops(
         anchor_generator=TVAnchorGenerator,
@@ -170,14 +170,15 @@ class Head(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(*(m for _ in range(depth) for m in (nn.Conv2d(width, width, 3, 1, 1), nn.ReLU())))
         self.out = nn.Conv2d(width, num_anchors * per_anchor, 3, 1, 1)
-        self.per_anchor = per_anchor
+        self.num_anchors, self.per_anchor = num_anchors, per_anchor
 
     def forward(self, feats: List[Tensor]) -> Tensor:
         outs = []
         for f in feats:
             y = self.out(self.conv(f))
             b, _, h, w = y.shape
-            outs.append(y.view(b, -1, self.per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, self.per_anchor))
+            y = y.view(b, self.num_anchors, self.per_anchor, h, w).permute(0, 3, 4, 1, 2)
+            outs.append(y.reshape(b, h * w * self.num_anchors, self.per_anchor))
         return torch.cat(outs, 1)
 
 
@@ -284,10 +285,22 @@ class RetinaNet(nn.Module):
     def _head_outputs(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Class logits [B, N, K], box deltas [B, N, 4] and the anchors [N, 4] of one image (the same for all)."""
         feats = self.fpn(self.backbone(x))
-        # The generator returns a list of per-image anchors: asked for one image, nothing depends on the batch size.
-        one = ImageList(x[:1], [(int(x.shape[-2]), int(x.shape[-1]))])
-        anchors = self.anchor_generator(one, [f[:1] for f in feats])[0]
+        # Every image has the same anchors (torchvision's strides come from the padded batch). The generator's
+        # forward returns one tensor per image, a list as long as the batch, which pins the batch size under
+        # torch.export; its grid_anchors method (torchvision's too) gives the anchors once, per level.
+        h, w = x.shape[-2:]
+        grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+        strides = [(int(h) // gh, int(w) // gw) for gh, gw in grid_sizes]
+        anchors = torch.cat(self.anchor_generator.grid_anchors(grid_sizes, strides)).to(x.dtype)
         return self.classification_head(feats), self.regression_head(feats), anchors
+
+    def _apply(self, fn, recurse=True):
+        # The generators keep their cell anchors in a plain list (not buffers: the state_dict has no anchors), so
+        # .to() / .double() / .cuda() must move them here, as they move buffers.
+        super()._apply(fn, recurse)
+        gen = self.anchor_generator
+        gen.cell_anchors = [fn(c) for c in gen.cell_anchors]
+        return self
 
     # -- forward ------------------------------------------------------------------------------------------------------
 
