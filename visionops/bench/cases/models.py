@@ -77,8 +77,13 @@ def _retinanet_eval(batch, size):
         nets = {}
         for b in ("visionops", "pytorch"):
             net = RetinaNet(91, b, score_threshold=0.05, generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():  # head weights of a trained scale, so that post-processing has candidates to sort
-                net.classification_head.out.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+            # Untrained, every score sits at the 0.01 prior and nothing reaches NMS; these classifier weights put
+            # about 2000 (anchor, class) pairs per image above the threshold, as a trained detector's.
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for conv in net.classification_head.modules():
+                    if isinstance(conv, torch.nn.Conv2d):
+                        conv.weight.normal_(0.0, 0.75 * (2.0 / (conv.in_channels * 9)) ** 0.5, generator=g)
             nets[b] = net.eval().to(device)
         images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
 
