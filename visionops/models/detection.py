@@ -194,7 +194,7 @@ class RetinaNet(nn.Module):
     * ``model(images, fixed_shape=True)``: ``images`` a tensor [B, 3, H, W]; returns ``(boxes [B, max_total, 4],
       scores [B, max_total], labels [B, max_total], num_detections [B])`` (rows past num_detections zero, labels -1),
       whatever the content. With the visionops backend this forward exports with ``torch.export`` with a dynamic
-      batch dimension and runs under ``torch.compile(fullgraph=True)`` and CUDA graphs.
+      batch dimension, runs under ``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph.
 
     ``num_classes`` counts the logits; as torchvision's RetinaNet, a label is the index of its logit (keep 0 unused
     for torchvision-style data whose labels start at 1). Images are normalised with ImageNet's mean and std and padded
