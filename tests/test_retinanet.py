@@ -198,6 +198,21 @@ def test_compile_fullgraph():
     assert counter.frame_count == 1  # one graph serves both batch sizes
 
 
+@pytest.mark.slow  # inductor's compilation: about 40 s on a small CPU
+def test_compile_fullgraph_inductor():
+    model = _exportable()
+    compiled = torch.compile(model.detect, fullgraph=True)
+    for n in (2, 3):
+        images = _eval_images(n, seed=n)
+        torch._dynamo.mark_dynamic(images, 0)
+        with torch.no_grad():
+            expected = model(images, fixed_shape=True)
+            got = compiled(images)
+        assert torch.equal(got[3], expected[3]) and torch.equal(got[2], expected[2])
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replay_matches_eager():
     model = _exportable().cuda()
