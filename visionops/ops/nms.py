@@ -252,13 +252,13 @@ def multiclass_nms(
     ``torch.compile(fullgraph=True)``, exports with ``torch.export`` (batch size dynamic) and can be captured in a
     CUDA graph.
 
-    Per image, the candidates are the (box, class) pairs whose score is > ``score_threshold`` (compared in the scores' dtype,
-    as ``scores > score_threshold``).
-    Greedy NMS (as ``torchvision.ops.batched_nms``: visiting candidates by decreasing score, a candidate is dropped
-    when its IoU with a kept one is > ``iou_threshold``) runs per class, or, with ``class_agnostic=True``, over all
-    candidates at once (a candidate is then tested against every box NMS kept before it, including those the caps
-    below drop). Of the kept candidates the best ``max_per_class`` of each class stay, and of those the best
-    ``max_total``, sorted by decreasing score. Equal scores are ordered by class, then by box index.
+    Per image, the candidates are the (box, class) pairs whose score is > ``score_threshold`` (compared in the scores'
+    dtype, as ``scores > score_threshold``). Greedy NMS (as ``torchvision.ops.batched_nms``: visiting candidates by
+    decreasing score, a candidate is dropped when its IoU with a kept one is > ``iou_threshold``) runs per class, or,
+    with ``class_agnostic=True``, over all candidates at once (a candidate is then tested against every box NMS kept
+    before it, including those the caps below drop). Of the kept candidates the best ``max_per_class`` of each class
+    stay, and of those the best ``max_total``, sorted by decreasing score. Equal scores are ordered by class, then by
+    box index.
 
     Args:
         boxes: Tensor[B, N, 4] of (x1, y1, x2, y2) shared by every class, or Tensor[B, N, C, 4] (one box per

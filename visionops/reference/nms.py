@@ -177,11 +177,12 @@ def multiclass_nms(
     """Fixed-shape multiclass NMS on a batch, one image at a time (this implementation synchronises; the kernels
     do not). boxes [B, N, 4] (shared by the classes) or [B, N, C, 4], scores [B, N, C].
 
-    Per image: the candidates are the (box n, class c) pairs with score > score_threshold (compared in the scores' dtype, as ``scores > score_threshold``),
-    ordered by decreasing score, ties by class then box index. Greedy NMS (:func:`nms`, IoU > iou_threshold
-    suppresses) runs per class, or over all candidates when ``class_agnostic`` (a candidate is then tested against
-    every box NMS kept before it, whatever the class caps below later drop). Of the kept candidates, in that order,
-    the first ``max_per_class`` of each class stay, and of those the first ``max_total``.
+    Per image: the candidates are the (box n, class c) pairs with score > score_threshold (compared in the scores'
+    dtype, as ``scores > score_threshold``), ordered by decreasing score, ties by class then box index. Greedy NMS
+    (:func:`nms`, IoU > iou_threshold suppresses) runs per class, or over all candidates when ``class_agnostic`` (a
+    candidate is then tested against every box NMS kept before it, whatever the class caps below later drop). Of the
+    kept candidates, in that order, the first ``max_per_class`` of each class stay, and of those the first
+    ``max_total``.
 
     Returns (boxes [B, max_total, 4] in the boxes' dtype, scores [B, max_total] in the scores' dtype, classes
     [B, max_total] int64, num_detections [B] int64); rows past num_detections are 0 (classes -1).

@@ -19,10 +19,16 @@
 
 namespace visionops {
 
-// Whether `cand` (with its area) is suppressed by one kept box: IoU(kept, cand) > thr.
+// Whether `cand` (with its area) is suppressed by one kept box: IoU(kept, cand) > thr, box_iou_pair's operations
+// in its order. Most pairs are disjoint: their IoU is 0 (or NaN, for a zero union), above no threshold >= 0, so the
+// division is skipped for them.
 template <typename T>
 VISIONOPS_HOST_DEVICE inline bool mcnms_suppresses(const T* kept, T kept_area, const T* cand, T cand_area, double thr) {
-  return static_cast<double>(box_iou_pair(kept, kept_area, cand, cand_area)) > thr;
+  const T w = max_first(T(0), sub_rn(min_first(kept[2], cand[2]), max_first(kept[0], cand[0])));
+  const T h = max_first(T(0), sub_rn(min_first(kept[3], cand[3]), max_first(kept[1], cand[1])));
+  const T inter = mul_rn(w, h);
+  if (inter == T(0) && thr >= 0) return false;
+  return static_cast<double>(inter / sub_rn(add_rn(kept_area, cand_area), inter)) > thr;
 }
 
 // The argument checks both backends run (the Python wrapper raises the same errors first).
