@@ -77,6 +77,19 @@ inline detail::TensorPair batched_soft_nms(const at::Tensor& boxes, const at::Te
   return handle.call(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method);
 }
 
+// Fixed-shape multiclass NMS on a batch (no host synchronisation): boxes [B, N, 4] or [B, N, C, 4], scores [B, N, C]
+// -> (boxes [B, max_total, 4], scores [B, max_total], classes [B, max_total] int64 (-1 past the detections),
+// num_detections [B] int64). See visionops/reference/nms.py multiclass_nms.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclass_nms(
+    const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold, double score_threshold,
+    int64_t max_per_class, int64_t max_total, bool class_agnostic) {
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static const auto handle =
+      detail::op<Out(const at::Tensor&, const at::Tensor&, double, double, int64_t, int64_t, bool)>(
+          "visionops::multiclass_nms");
+  return handle.call(boxes, scores, iou_threshold, score_threshold, max_per_class, max_total, class_agnostic);
+}
+
 // RoI ops (torchvision.ops.roi_align, roi_pool, MultiScaleRoIAlign). rois: [K, 5] rows of
 // (batch index, x1, y1, x2, y2); outputs [K, C, pooled_height, pooled_width].
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from visionops import _registry as registry
 from visionops import reference
 from visionops.reference.nms import SOFT_NMS_METHODS
+from visionops.reference.nms import multiclass_nms as multiclass_nms_reference
 from visionops.ops._checks import check_boxes, check_number, check_same_device, check_same_length, check_tensor
 
 __all__ = ["nms", "batched_nms", "box_iou", "soft_nms", "batched_soft_nms"]
@@ -316,5 +317,110 @@ registry.declare(
         triton="visionops.triton.matrix_nms",
         autocast=torch.float32,
         check=_matrix_nms_check,
+    )
+)
+
+# ---- multiclass NMS (fixed shape, no host synchronisation) ----------------------------------------------------
+
+__all__ += ["multiclass_nms"]
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"multiclass_nms: {name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"multiclass_nms: {name} must be >= 1, got {value}")
+    return value
+
+
+def multiclass_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    iou_threshold: float,
+    score_threshold: float,
+    max_per_class: int,
+    max_total: int,
+    class_agnostic: bool = False,
+    *,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Multiclass NMS on a batch of images with fixed-shape outputs and no host synchronisation: it runs under
+    ``torch.compile(fullgraph=True)``, exports with ``torch.export`` (batch size dynamic) and can be captured in a
+    CUDA graph.
+
+    Per image, the candidates are the (box, class) pairs whose score is > ``score_threshold`` (compared in the scores'
+    dtype, as ``scores > score_threshold``). Greedy NMS (as ``torchvision.ops.batched_nms``: visiting candidates by
+    decreasing score, a candidate is dropped when its IoU with a kept one is > ``iou_threshold``) runs per class, or,
+    with ``class_agnostic=True``, over all candidates at once (a candidate is then tested against every box NMS kept
+    before it, including those the caps below drop). Of the kept candidates the best ``max_per_class`` of each class
+    stay, and of those the best ``max_total``, sorted by decreasing score. Equal scores are ordered by class, then by
+    box index.
+
+    Args:
+        boxes: Tensor[B, N, 4] of (x1, y1, x2, y2) shared by every class, or Tensor[B, N, C, 4] (one box per
+            class), floating point (float16/bfloat16 IoUs are computed in float32).
+        scores: Tensor[B, N, C], the boxes' dtype.
+        iou_threshold, score_threshold: numbers, as above.
+        max_per_class, max_total: ints >= 1.
+        class_agnostic: one NMS over all classes instead of one per class.
+        backend: "auto", "cpp", "triton" or "reference" (see ``visionops._registry``).
+
+    Returns:
+        ``(boxes, scores, classes, num_detections)``: Tensor[B, max_total, 4] in the boxes' dtype,
+        Tensor[B, max_total] in the scores' dtype, Tensor[B, max_total] int64 and Tensor[B] int64. Rows past
+        ``num_detections[b]`` are zero, with class -1. Under autocast, float16/bfloat16 inputs run (and return) in
+        float32, as ``nms``. Not differentiable.
+    """
+    check_tensor("scores", scores, floating=True, dim=3)
+    check_tensor("boxes", boxes, floating=True)
+    if boxes.dim() not in (3, 4) or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape [B, N, 4] or [B, N, C, 4], got {list(boxes.shape)}")
+    expect = list(scores.shape[:2]) + ([4] if boxes.dim() == 3 else [scores.shape[2], 4])
+    if list(boxes.shape) != expect:
+        raise ValueError(
+            f"boxes must have shape {expect} to match scores of shape [B, N, C] = {list(scores.shape)}, "
+            f"got {list(boxes.shape)}"
+        )
+    if boxes.dtype != scores.dtype:
+        raise TypeError(f"multiclass_nms: scores must have the boxes' dtype {boxes.dtype}, got {scores.dtype}")
+    check_same_device(("boxes", "scores"), (boxes, scores))
+    thr = check_number("iou_threshold", iou_threshold)
+    score_thr = check_number("score_threshold", score_threshold)
+    per_class = _check_count("max_per_class", max_per_class)
+    total = _check_count("max_total", max_total)
+    if not isinstance(class_agnostic, bool):
+        raise TypeError(f"multiclass_nms: class_agnostic must be a bool, got {type(class_agnostic).__name__}")
+    return registry.dispatch("multiclass_nms", backend, boxes.device)(
+        boxes, scores, thr, score_thr, per_class, total, class_agnostic
+    )
+
+
+def _multiclass_nms_fake(boxes, scores, iou_threshold, score_threshold, max_per_class, max_total, class_agnostic):
+    batch = scores.shape[0]
+    return (
+        boxes.new_empty((batch, max_total, 4)),
+        scores.new_empty((batch, max_total)),
+        scores.new_empty((batch, max_total), dtype=torch.long),
+        scores.new_empty((batch,), dtype=torch.long),
+    )
+
+
+def _multiclass_nms_check(boxes, scores, iou_threshold, score_threshold, max_per_class, max_total, class_agnostic):
+    """Schema-level checks of the Triton op (the C++ op checks in C++)."""
+    if max_per_class < 1:
+        raise ValueError(f"multiclass_nms: max_per_class must be >= 1, got {max_per_class}")
+    if max_total < 1:
+        raise ValueError(f"multiclass_nms: max_total must be >= 1, got {max_total}")
+
+
+# A selection: no gradient. Under autocast, float32 (as nms).
+registry.declare(
+    registry.OpDef(
+        "multiclass_nms",
+        multiclass_nms_reference,
+        _multiclass_nms_fake,
+        triton="visionops.triton.multiclass_nms",
+        autocast=torch.float32,
+        check=_multiclass_nms_check,
     )
 )

@@ -222,3 +222,62 @@ def matrix_nms(
         best = best[:max_num]
     sel = sel[best]
     return order[sel], new[sel].to(scores.dtype)
+
+
+# ---- multiclass NMS (fixed shape) -------------------------------------------------------------------------------
+
+
+def _rank_in_class(cls: Tensor) -> Tensor:
+    """For each entry of ``cls``, how many earlier entries have the same class."""
+    order = torch.sort(cls, stable=True).indices
+    sorted_cls = cls[order]
+    first = torch.searchsorted(sorted_cls, sorted_cls)
+    rank = torch.empty_like(cls)
+    rank[order] = torch.arange(len(cls), device=cls.device) - first
+    return rank
+
+
+def multiclass_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    iou_threshold: float,
+    score_threshold: float,
+    max_per_class: int,
+    max_total: int,
+    class_agnostic: bool,
+):
+    """Fixed-shape multiclass NMS on a batch, one image at a time (this implementation synchronises; the kernels
+    do not). boxes [B, N, 4] (shared by the classes) or [B, N, C, 4], scores [B, N, C].
+
+    Per image: the candidates are the (box n, class c) pairs with score > score_threshold (compared in the scores'
+    dtype, as ``scores > score_threshold``), ordered by decreasing score, ties by class then box index. Greedy NMS
+    (:func:`nms`, IoU > iou_threshold suppresses) runs per class, or over all candidates when ``class_agnostic`` (a
+    candidate is then tested against every box NMS kept before it, whatever the class caps below later drop). Of the
+    kept candidates, in that order, the first ``max_per_class`` of each class stay, and of those the first
+    ``max_total``.
+
+    Returns (boxes [B, max_total, 4] in the boxes' dtype, scores [B, max_total] in the scores' dtype, classes
+    [B, max_total] int64, num_detections [B] int64); rows past num_detections are 0 (classes -1).
+    """
+    batch, n, c = scores.shape
+    dev = scores.device
+    out_boxes = boxes.new_zeros((batch, max_total, 4))
+    out_scores = scores.new_zeros((batch, max_total))
+    out_classes = torch.full((batch, max_total), -1, dtype=torch.long, device=dev)
+    num = torch.zeros(batch, dtype=torch.long, device=dev)
+    for b in range(batch):
+        s = scores[b].t()  # [C, N]: nonzero lists candidates class-major, the order of ties
+        cls, idx = torch.nonzero(s > score_threshold, as_tuple=True)
+        sc = s[cls, idx]
+        bx = boxes[b, idx] if boxes.dim() == 3 else boxes[b, idx, cls]
+        if class_agnostic:
+            keep = nms(bx, sc, iou_threshold)
+        else:
+            keep = batched_nms(bx, sc, cls, iou_threshold)
+        keep = keep[_rank_in_class(cls[keep]) < max_per_class][:max_total]
+        k = len(keep)
+        out_boxes[b, :k] = bx[keep]
+        out_scores[b, :k] = sc[keep]
+        out_classes[b, :k] = cls[keep]
+        num[b] = k
+    return out_boxes, out_scores, out_classes, num

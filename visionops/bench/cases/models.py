@@ -70,7 +70,46 @@ def _siamfc_step(batch):
     return make
 
 
+def _retinanet_eval(batch, size):
+    def make(device):
+        from visionops.models.detection import RetinaNet
+
+        nets = {}
+        for b in ("visionops", "pytorch"):
+            net = RetinaNet(91, b, score_threshold=0.05, generator=torch.Generator().manual_seed(0))
+            # Untrained, every score sits at the 0.01 prior and nothing reaches NMS; these classifier weights put
+            # about 2000 (anchor, class) pairs per image above the threshold, as a trained detector's.
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for conv in net.classification_head.modules():
+                    if isinstance(conv, torch.nn.Conv2d):
+                        conv.weight.normal_(0.0, 0.75 * (2.0 / (conv.in_channels * 9)) ** 0.5, generator=g)
+            nets[b] = net.eval().to(device)
+        images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
+
+        def forward(net):
+            @torch.no_grad()
+            def run():
+                return net(images, fixed_shape=True)
+
+            return run
+
+        def check(ours, base):
+            assert torch.equal(ours[3], base[3])
+            torch.testing.assert_close(ours[1], base[1], atol=1e-4, rtol=1e-3)
+
+        return forward(nets["visionops"]), forward(nets["pytorch"]), check
+
+    return make
+
+
 CASES = [
     Case("fasterrcnn_e2e", "resnet50_fpn eval, 2 images 480x640", _fasterrcnn(480, 2), baseline="torchvision"),
     Case("siamfc_train_step", "B8 127/255 crops, fwd+bwd", _siamfc_step(8), baseline="PyTorch grouped conv"),
+    Case(
+        "retinanet_eval",
+        "B4 320x320, 91 classes, fwd + multiclass NMS",
+        _retinanet_eval(4, 320),
+        baseline="torchvision ops, per-image NMS loop",
+    ),
 ]
