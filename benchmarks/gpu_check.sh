@@ -32,12 +32,15 @@ $PY -c "import visionops; print(visionops.build_info())" || { echo "IMPORT FAILE
 
 # Step limits (seconds) keep the whole script within a lent machine's time; newest kernels first in each step.
 T_NEW=${T_NEW:-170} T_TESTS=${T_TESTS:-110} T_SAN=${T_SAN:-60} T_BENCH_NEW=${T_BENCH_NEW:-90} T_BENCH=${T_BENCH:-120}
-NEW_TESTS=${NEW_TESTS:-"tests/test_xcorr.py tests/test_soft_nms.py"}
-NEW_BENCH=${NEW_BENCH:-"xcorr|depthwise_xcorr|soft_nms"}
+NEW_TESTS=${NEW_TESTS:-"tests/test_conv.py tests/test_multiclass_nms.py tests/test_matrix_nms.py tests/test_retinanet.py tests/test_xcorr.py tests/test_soft_nms.py"}
+NEW_BENCH=${NEW_BENCH:-"conv2d|conv3d|multiclass_nms|matrix_nms|xcorr|depthwise_xcorr|soft_nms"}
 
 step "tests on CUDA of the newest families ($NEW_TESTS; compiled Triton, not interpreted)"
 VISIONOPS_TEST_CUDA=1 timeout $T_NEW $PY -m pytest $NEW_TESTS -q --maxfail=20 -p no:cacheprovider -k "cuda" \
   --junitxml="$out/${card}-${stamp}-tests-new.xml" || status=1
+
+step "conv kernels (C++ CUDA) against F.conv2d/F.conv3d over random configurations"
+timeout ${T_CONV:-60} $PY benchmarks/conv_cuda_check.py || status=1
 
 step "the other tests on CUDA"
 deselect=$(for f in $NEW_TESTS; do printf -- "--ignore=%s " "$f"; done)
