@@ -115,7 +115,8 @@ def _same_padding(op: str, weight: Tensor, stride, dilation) -> Tuple[List[int],
     return [t // 2 for t in total], [t % 2 for t in total]
 
 
-def _conv(op: str, n: int, input, weight, bias, stride, padding, dilation, groups, backend) -> Tensor:
+def _schema_args(op: str, n: int, input, weight, bias, stride, padding, dilation, groups) -> tuple:
+    """The public call's arguments checked and turned into the schema's (an even "same" padding applied to input)."""
     _check_tensors(op, n, input, weight, bias, groups)
     stride = _ints(op, "stride", stride, n)
     dilation = _ints(op, "dilation", dilation, n)
@@ -132,7 +133,7 @@ def _conv(op: str, n: int, input, weight, bias, stride, padding, dilation, group
     else:
         padding = _ints(op, "padding", padding, n)
     _check_geometry(op, input, weight, stride, padding, dilation)
-    return registry.dispatch(op, backend, input.device)(input, weight, bias, stride, padding, dilation, groups)
+    return input, weight, bias, stride, padding, dilation, groups
 
 
 def conv2d(
@@ -169,7 +170,8 @@ def conv2d(
         contiguous). Differentiable w.r.t. input, weight and bias (not twice). Under ``torch.autocast`` it runs in
         the autocast dtype, as torch's convolutions do.
     """
-    return _conv("conv2d", 2, input, weight, bias, stride, padding, dilation, groups, backend)
+    args = _schema_args("conv2d", 2, input, weight, bias, stride, padding, dilation, groups)
+    return registry.dispatch("conv2d", backend, input.device)(*args)
 
 
 def conv3d(
@@ -197,7 +199,8 @@ def conv3d(
         Tensor[B, Cout, Do, Ho, Wo] (sizes as in :func:`conv2d`, per dimension) in input's dtype;
         channels_last_3d when input is. Differentiable w.r.t. input, weight and bias; autocast as :func:`conv2d`.
     """
-    return _conv("conv3d", 3, input, weight, bias, stride, padding, dilation, groups, backend)
+    args = _schema_args("conv3d", 3, input, weight, bias, stride, padding, dilation, groups)
+    return registry.dispatch("conv3d", backend, input.device)(*args)
 
 
 # ---- declarations: fake kernels, autograd, autocast (every backend) -----------------------------------------------
