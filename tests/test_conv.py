@@ -216,7 +216,6 @@ class _ConvBase(OpConformance):
 
 class TestConv2d(_ConvBase):
     op = "conv2d"
-    covers = ("Conv2d",)
     configs = {name: name for name in SHAPES2}
     layouts = ("contiguous", "non_contiguous", "channels_last")
     tolerances = _tolerances(36)
@@ -224,7 +223,6 @@ class TestConv2d(_ConvBase):
 
 class TestConv3d(_ConvBase):
     op = "conv3d"
-    covers = ("Conv3d",)
     configs = {name: name for name in SHAPES3}
     n = 3
     shapes = SHAPES3
