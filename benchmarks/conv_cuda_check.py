@@ -1,6 +1,6 @@
 """Checks the CUDA convolution kernels against torch on a GPU machine.
 
-    python benchmarks/conv_cuda_check.py [--configs 50] [--seed 0]
+    python benchmarks/conv_cuda_check.py [--configs 50] [--seed 0]     (after building with FORCE_CUDA=1)
 
 Compares the forward and every gradient of torch.ops.visionops.conv2d / conv3d (and their backward ops) with
 F.conv2d / F.conv3d evaluated in float64 on the same (rounded) inputs, over random configurations: float64, float32,
@@ -15,9 +15,12 @@ import os
 import random
 import sys
 import traceback
+from pathlib import Path
 
 # cuBLAS is reproducible only with a fixed workspace; deterministic mode refuses cuBLAS calls without it.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's visionops (built in place)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -172,10 +175,10 @@ def fixed_configs():
             ndim=2,
             dtype=torch.bfloat16,
             batch=6,
-            cin=48,
+            cin=96,
             cout=16,
             kernel=[3, 3],
-            size=[160, 150],
+            size=[256, 240],
             stride=[1, 2],
             padding=[1, 0],
             dilation=[2, 1],

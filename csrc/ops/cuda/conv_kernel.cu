@@ -22,6 +22,8 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -197,6 +199,10 @@ struct CudaConv {
                       const at::Tensor* bias, at::Tensor& out) {
     c10::cuda::CUDAGuard guard(input.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    // The GEMMs below stay in the call's dtype inside a torch.autocast region too (the backward op can be called
+    // there), where autocast would otherwise recast at::bmm's operands.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const int64_t G = g.groups, Og = g.out_per_group, R = g.in_per_group * g.taps(), L = g.out_spatial();
     const at::Tensor w = weight.contiguous().view({G, Og, R});
     const at::ScalarType opmath = is_reduced(input.scalar_type()) ? at::kFloat : input.scalar_type();
