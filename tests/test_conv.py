@@ -433,3 +433,39 @@ def test_reference_is_the_documented_sum(n):
                 total += w[(o, c, *k)] * xpad[(bi, g * cin_g + c, *pos)]
         expected[tuple(idx)] = total
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_fake_kernels_follow_the_contract(n):
+    """The fake kernels (torch.compile, export) give F.conv's output shape, the output in the input's format
+    (channels-last only when the input is channels-last and not also plainly contiguous), gradients in their tensor's
+    format, and [0]-shaped placeholders for the gradients the output_mask leaves out."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fmt = FORMATS[n]
+    op = getattr(torch.ops.visionops, f"conv{n}d").default
+    backward = getattr(torch.ops.visionops, f"_conv{n}d_backward").default
+    for name, spec in (SHAPES2 if n == 2 else SHAPES3).items():
+        x, w, b, stride, padding, dilation, groups = _make(spec["full"], "cpu", torch.float32, torch.Generator())
+        if isinstance(padding, str):
+            continue  # the schema has explicit paddings only
+        lists = [[v] * n if isinstance(v, int) else list(v) for v in (stride, padding, dilation)]
+        expected = TORCH[n](x, w, b, *lists, groups)
+        one_channel = torch.zeros(2, 1, *[5] * n)  # channels-last and contiguous at once: stays contiguous
+        for xx, ww, want in ((x, w, torch.contiguous_format), (x.contiguous(memory_format=fmt), w, fmt)):
+            mode = FakeTensorMode()
+            fx, fw, fb = (mode.from_tensor(t) for t in (xx, ww.contiguous(memory_format=fmt), b))
+            with mode:
+                out = op(fx, fw, fb, *lists, groups)
+                gi, gw, gb = backward(out, fx, fw, *lists, groups, [True, True, True])
+                masked = backward(out, fx, fw, *lists, groups, [False, True, False])
+            assert out.shape == expected.shape, name
+            assert out.is_contiguous(memory_format=want), name
+            assert gi.shape == x.shape and gi.is_contiguous(memory_format=want), name
+            assert gw.shape == w.shape and gw.stride() == fw.stride(), name  # channels-last weight, same strides
+            assert gb.shape == (w.shape[0],) and gb.is_contiguous(), name
+            assert [t.shape for t in masked] == [(0,), w.shape, (0,)], name
+        mode = FakeTensorMode()
+        with mode:
+            out = op(mode.from_tensor(one_channel), mode.from_tensor(torch.zeros(3, 1, *[2] * n)), None, *lists, 1)
+        assert out.is_contiguous(), name
