@@ -17,6 +17,9 @@ from visionops.testing import dtype_name as _dn
 from visionops.testing import _Record
 
 FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
+# known Triton bugs, marked xfail(strict=True) so that a fix shows up as XPASS
+TRITON_STRIDED_BIAS = "Triton forward reads bias as contiguous (bias_ptr + co, bias.stride(0) ignored)"
+TRITON_ALIASED_MASK = "Triton backward returns one [0] placeholder for two masked gradients (aliased outputs)"
 
 
 def _has_backend(backend: str, device: str) -> bool:
@@ -37,8 +40,14 @@ def backends(device: str, kernels_only: bool = False):
     return [b for b in out if b != "reference"] if kernels_only else out
 
 
-def _cases(kernels_only=False):
-    return [(d, b) for d in DEVICES for b in backends(d, kernels_only)]
+def _cases(kernels_only=False, xfail_triton=None):
+    return [
+        pytest.param(d, b, marks=[pytest.mark.xfail(strict=True, reason=xfail_triton)] if b == "triton" else [])
+        if xfail_triton
+        else (d, b)
+        for d in DEVICES
+        for b in backends(d, kernels_only)
+    ]
 
 
 # (B, Cin, Cout, spatial, kernel, stride, padding, dilation, groups, bias) per size; one table per dimensionality
@@ -122,6 +131,11 @@ class _ConvBase(OpConformance):
 
     def _backends(self, device):
         return backends(device)
+
+    def expected_failure(self, test, case):
+        if case.backend == "triton" and case.layout == "non_contiguous" and test == "test_matches_reference":
+            return TRITON_STRIDED_BIAS
+        return None
 
     def fn(self, *inputs, backend):
         return getattr(visionops, self.op)(*inputs, backend=backend)
@@ -264,13 +278,19 @@ def _random_config(seed: int):
 SEEDS = list(range(30))
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("device,backend", _cases())
+def _random_cases():
+    # interpreted Triton runs every program in Python: the first six configurations by default, the rest slow
+    return [
+        pytest.param(d, b, seed, marks=[pytest.mark.slow] if interpreted(b, d) and seed >= 6 else [])
+        for d, b in _cases()
+        for seed in SEEDS
+    ]
+
+
+@pytest.mark.parametrize("device,backend,seed", _random_cases())
 def test_matches_torch_random_configs(device, backend, seed):
     """Forward and the gradients of input, weight and bias equal F.conv2d / F.conv3d's in float64."""
     n, spec = _random_config(seed)
-    if interpreted(backend, device) and seed >= 6:
-        pytest.skip("interpreted Triton: the first six configurations (the rest with --runslow)")
     args = _make(spec, device, torch.float64, torch.Generator().manual_seed(seed))
     tensors = [t for t in args[:3] if t is not None]
     ours = [t.clone().requires_grad_() for t in tensors]
@@ -359,7 +379,7 @@ def test_memory_format_follows_input(device, backend, n):
 
 
 @pytest.mark.parametrize("n", [2, 3])
-@pytest.mark.parametrize("device,backend", _cases(kernels_only=True))
+@pytest.mark.parametrize("device,backend", _cases(kernels_only=True, xfail_triton=TRITON_ALIASED_MASK))
 def test_backward_computes_only_the_gradients_asked_for(device, backend, n):
     """output_mask follows requires_grad: the backward op is asked for exactly the gradients autograd needs."""
     spec = (SHAPES2 if n == 2 else SHAPES3)["basic"]["small"]
