@@ -125,8 +125,9 @@ def test_strided_views():
     base = torch.randn(2, 8, 7, 9, generator=gen, dtype=torch.float64)
     x = base[:, 1:7:2, :, 1:8]
     w = torch.randn(4, 3, 3, 5, generator=gen, dtype=torch.float64)[:, :, :, ::2]
-    out = torch.ops.visionops.triton_conv2d(x, w, None, [1, 2], [1, 0], [1, 1], 1)
-    torch.testing.assert_close(out, F.conv2d(x, w, None, [1, 2], [1, 0]))
+    b = torch.randn(8, generator=gen, dtype=torch.float64)[::2]
+    out = torch.ops.visionops.triton_conv2d(x, w, b, [1, 2], [1, 0], [1, 1], 1)
+    torch.testing.assert_close(out, F.conv2d(x, w, b, [1, 2], [1, 0]))
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64).transpose(2, 3).contiguous().transpose(2, 3)
     gx, gw, _ = torch.ops.visionops.triton_conv2d_backward(g, x, w, [1, 2], [1, 0], [1, 1], 1, [True, True, False])
     rx, rw = torch.autograd.grad(F.conv2d(x.requires_grad_(), w.requires_grad_(), None, [1, 2], [1, 0]), (x, w), g)
