@@ -400,8 +400,11 @@ def _grad_weight_bias(
     gw = torch.empty_like(w, memory_format=_format(w)) if want_w else x.new_empty(0)  # outputs must not alias
     gb = x.new_empty(w.shape[0] if want_b else 0)
     k = g5.shape[0] * g5.shape[2] * g5.shape[3] * g5.shape[4]
-    if k == 0 or w.shape[0] == 0 or x.shape[1] == 0:  # an empty sum, or nothing to compute
+    if k == 0:  # an empty sum
         return gw.zero_(), gb.zero_()
+    want_w, want_b = gw.numel() > 0, gb.numel() > 0  # requested and not empty (no input or output channels)
+    if not (want_w or want_b):
+        return gw, gb
     x5, w5 = _as3d(x), _as3d(w)
     cg, cog = x.shape[1] // groups, w.shape[0] // groups
     taps = w5.shape[2] * w5.shape[3] * w5.shape[4]
