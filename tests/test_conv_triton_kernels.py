@@ -125,8 +125,9 @@ def test_strided_views():
     base = torch.randn(2, 8, 7, 9, generator=gen, dtype=torch.float64)
     x = base[:, 1:7:2, :, 1:8]
     w = torch.randn(4, 3, 3, 5, generator=gen, dtype=torch.float64)[:, :, :, ::2]
-    out = torch.ops.visionops.triton_conv2d(x, w, None, [1, 2], [1, 0], [1, 1], 1)
-    torch.testing.assert_close(out, F.conv2d(x, w, None, [1, 2], [1, 0]))
+    b = torch.randn(8, generator=gen, dtype=torch.float64)[::2]
+    out = torch.ops.visionops.triton_conv2d(x, w, b, [1, 2], [1, 0], [1, 1], 1)
+    torch.testing.assert_close(out, F.conv2d(x, w, b, [1, 2], [1, 0]))
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64).transpose(2, 3).contiguous().transpose(2, 3)
     gx, gw, _ = torch.ops.visionops.triton_conv2d_backward(g, x, w, [1, 2], [1, 0], [1, 1], 1, [True, True, False])
     rx, rw = torch.autograd.grad(F.conv2d(x.requires_grad_(), w.requires_grad_(), None, [1, 2], [1, 0]), (x, w), g)
@@ -144,3 +145,15 @@ def test_empty():
     assert not gw.any() and not gb.any()
     x3, w3 = torch.randn(1, 2, 3, 3, 3), torch.randn(0, 2, 1, 1, 1)
     assert ops.triton_conv3d(x3, w3, None, [1] * 3, [0] * 3, [1] * 3, 1).shape == (1, 0, 3, 3, 3)
+
+
+def test_no_input_channels():
+    """Cin = 0 (and groups 1): the output is the bias, grad_bias the summed grad, the other gradients empty."""
+    x, w, b = torch.randn(2, 0, 4, 4, dtype=torch.float64), torch.randn(3, 0, 2, 2, dtype=torch.float64), torch.randn(3)
+    b = b.double()
+    out = torch.ops.visionops.triton_conv2d(x, w, b, [1, 1], [0, 0], [1, 1], 1)
+    torch.testing.assert_close(out, b[:, None, None].expand(2, 3, 3, 3))
+    g = torch.randn(out.shape, dtype=torch.float64)
+    gx, gw, gb = torch.ops.visionops.triton_conv2d_backward(g, x, w, [1, 1], [0, 0], [1, 1], 1, [True, True, True])
+    assert gx.shape == x.shape and gw.shape == w.shape
+    torch.testing.assert_close(gb, g.sum((0, 2, 3)))

@@ -91,7 +91,7 @@ def _conv_fwd_kernel(
     Cg, Cog, D, H, W, Do, Ho, Wo, KD, KH, KW, M,
     sxb, sxc, sxd, sxh, sxw,
     swo, swi, swd, swh, sww,
-    sob, soc, sod, soh, sow,
+    sob, soc, sod, soh, sow, s_bias,
     st_d, st_h, st_w, pa_d, pa_h, pa_w, di_d, di_h, di_w,
     HAS_BIAS: tl.constexpr, TAP_OUTER: tl.constexpr, F64: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -140,7 +140,7 @@ def _conv_fwd_kernel(
             w = tl.load(w_n[None, :] + w_off[:, None], mask=km[:, None] & nmask[None, :], other=0.0)
             acc = _mma(acc, a, w, F64, UPCAST)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + co, mask=nmask, other=0.0).to(acc_t)[None, :]
+        acc += tl.load(bias_ptr + co * s_bias, mask=nmask, other=0.0).to(acc_t)[None, :]
     o_m = b.to(tl.int64) * sob + od.to(tl.int64) * sod + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
     dst = out_ptr + o_m[:, None] + (co * soc)[None, :]
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
@@ -365,7 +365,7 @@ def _forward(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dila
     _conv_fwd_kernel[grid](
         x5, w5, bias if bias is not None else out, out,
         cg, cog, *x5.shape[2:], *o5.shape[2:], *w5.shape[2:], m,
-        *x5.stride(), *w5.stride(), *o5.stride(),
+        *x5.stride(), *w5.stride(), *o5.stride(), bias.stride(0) if bias is not None else 0,
         *_geometry(stride, padding, dilation),
         HAS_BIAS=bias is not None, TAP_OUTER=cg >= block_k // 2, F64=f64, UPCAST=_upcast(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
@@ -397,12 +397,14 @@ def _grad_input(g5: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, gro
 def _grad_weight_bias(
     g5: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, groups: int, want_w: bool, want_b: bool
 ) -> Tuple[Tensor, Tensor]:
-    none = x.new_empty(0)
-    gw = torch.empty_like(w, memory_format=_format(w)) if want_w else none
-    gb = x.new_empty(w.shape[0]) if want_b else none
+    gw = torch.empty_like(w, memory_format=_format(w)) if want_w else x.new_empty(0)  # outputs must not alias
+    gb = x.new_empty(w.shape[0] if want_b else 0)
     k = g5.shape[0] * g5.shape[2] * g5.shape[3] * g5.shape[4]
-    if k == 0 or w.shape[0] == 0 or x.shape[1] == 0:  # an empty sum, or nothing to compute
+    if k == 0:  # an empty sum
         return gw.zero_(), gb.zero_()
+    want_w, want_b = gw.numel() > 0, gb.numel() > 0  # requested and not empty (no input or output channels)
+    if not (want_w or want_b):
+        return gw, gb
     x5, w5 = _as3d(x), _as3d(w)
     cg, cog = x.shape[1] // groups, w.shape[0] // groups
     taps = w5.shape[2] * w5.shape[3] * w5.shape[4]
@@ -538,7 +540,7 @@ def compile_specs():
             block_m, block_n, block_k, _ = _tiles(size, f64)
             c = dict(TAP_OUTER=tap_outer, F64=f64, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
             s = sig(("x_ptr", "w_ptr", "bias_ptr", "out_ptr"), dtype, ["M"], "xo", ["HAS_BIAS", *c])
-            s.update({f"sw{a}": "i32" for a in "oidhw"})
+            s.update({f"sw{a}": "i32" for a in "oidhw"}, s_bias="i32")
             out.append((_conv_fwd_kernel, s, dict(HAS_BIAS=True, **c)))
             s = sig(("g_ptr", "w_ptr", "gx_ptr"), dtype, ["M"], "gd", c)
             s.update({f"sw{a}": "i32" for a in "oidhw"})
