@@ -137,6 +137,85 @@ void im2col(const Dims& d, const T* xp, int64_t gr, int64_t q0, int64_t q1, int6
   }
 }
 
+// The direct loops for thin groups (Cg < kMinGemmChannels), on the same buffers and with the same partition as the
+// GEMM paths. w is the forward's [taps * Cg, Cout] weight; the innermost loops run over contiguous output channels
+// (or, depthwise, over all channels at once) so that they vectorise.
+template <typename T>
+void direct_forward(const Dims& d, const T* xp, const T* w, const T* bias, T* o, int64_t q0, int64_t q1) {
+  const bool depthwise = d.Cg == 1 && d.Og == 1;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t ow = q % d.Wo, r = q / d.Wo, oh = r % d.Ho, od = (r / d.Ho) % d.Do, b = r / (d.Ho * d.Do);
+    T* out = o + q * d.Cout;
+    for (int64_t c = 0; c < d.Cout; ++c) out[c] = bias != nullptr ? bias[c] : T(0);
+    for (int64_t t = 0; t < d.taps; ++t) {
+      const int64_t kw = t % d.kW, kh = (t / d.kW) % d.kH, kd = t / (d.kW * d.kH);
+      const T* xs = xp + d.x_offset(b, od, oh, ow, kd, kh, kw);
+      const T* wt = w + t * d.Cg * d.Cout;
+      if (depthwise) {
+        for (int64_t c = 0; c < d.Cout; ++c) out[c] += wt[c] * xs[c];
+        continue;
+      }
+      for (int64_t gr = 0; gr < d.G; ++gr)
+        for (int64_t c = 0; c < d.Cg; ++c) {
+          const T xv = xs[gr * d.Cg + c];
+          const T* wr = wt + c * d.Cout + gr * d.Og;
+          T* og = out + gr * d.Og;
+          for (int64_t m = 0; m < d.Og; ++m) og[m] += wr[m] * xv;
+        }
+    }
+  }
+}
+
+// Adds the gradient reaching input row dst (width W, columns shifted by the padding pw) from output row g through
+// taps (kd, kh, all kw).
+template <typename T>
+void direct_grad_input_row(const Dims& d, const T* g, const T* w, int64_t kd, int64_t kh, int64_t W, int64_t pw,
+                           T* dst) {
+  const bool depthwise = d.Cg == 1 && d.Og == 1;
+  for (int64_t ow = 0; ow < d.Wo; ++ow) {
+    const T* gs = g + ow * d.Cout;
+    for (int64_t kw = 0; kw < d.kW; ++kw) {
+      const int64_t iw = ow * d.sw + kw * d.dw - pw;
+      if (iw < 0 || iw >= W) continue;
+      const T* wt = w + ((kd * d.kH + kh) * d.kW + kw) * d.Cg * d.Cout;
+      T* t = dst + iw * d.Cin;
+      if (depthwise) {
+        for (int64_t c = 0; c < d.Cin; ++c) t[c] += wt[c] * gs[c];
+        continue;
+      }
+      for (int64_t gr = 0; gr < d.G; ++gr)
+        for (int64_t c = 0; c < d.Cg; ++c) {
+          const T* wr = wt + c * d.Cout + gr * d.Og;
+          const T* gg = gs + gr * d.Og;
+          T acc = 0;
+          for (int64_t m = 0; m < d.Og; ++m) acc += wr[m] * gg[m];
+          t[gr * d.Cg + c] += acc;
+        }
+    }
+  }
+}
+
+// dw[tap, c, o] for o in [o0, o1), summed over all positions in order.
+template <typename T>
+void direct_grad_weight(const Dims& d, const T* xp, const T* g, int64_t tap, int64_t o0, int64_t o1, T* dw) {
+  const int64_t kw = tap % d.kW, kh = (tap / d.kW) % d.kH, kd = tap / (d.kW * d.kH);
+  T* dst = dw + tap * d.Cg * d.Cout;
+  for (int64_t c = 0; c < d.Cg; ++c) std::fill(dst + c * d.Cout + o0, dst + c * d.Cout + o1, T(0));
+  const bool depthwise = d.Cg == 1 && d.Og == 1;
+  const int64_t positions = d.B * d.Do * d.Ho * d.Wo;
+  for (int64_t q = 0; q < positions; ++q) {
+    const int64_t ow = q % d.Wo, r = q / d.Wo, oh = r % d.Ho, od = (r / d.Ho) % d.Do, b = r / (d.Ho * d.Do);
+    const T* xs = xp + d.x_offset(b, od, oh, ow, kd, kh, kw);
+    const T* gs = g + q * d.Cout;
+    if (depthwise) {
+      for (int64_t o = o0; o < o1; ++o) dst[o] += xs[o] * gs[o];
+      continue;
+    }
+    for (int64_t c = 0; c < d.Cg; ++c)
+      for (int64_t o = o0; o < o1; ++o) dst[c * d.Cout + o] += xs[(o / d.Og) * d.Cg + c] * gs[o];
+  }
+}
+
 template <typename T>
 void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight, const at::Tensor* bias,
                   at::Tensor& out) {
@@ -152,6 +231,14 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   T* o = res.data();
   const int64_t positions = d.B * d.Do * d.Ho * d.Wo, K = d.taps * d.Cg;
   const int64_t ntiles = (positions + kForwardTile - 1) / kForwardTile;
+  if (d.Cg < kMinGemmChannels) {
+    const T* bp = b_t.defined() ? b_t.const_data_ptr<T>() : nullptr;
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      direct_forward(d, xp, w, bp, o, t0 * kForwardTile, std::min(positions, t1 * kForwardTile));
+    });
+    res.finish();
+    return;
+  }
   at::parallel_for(0, ntiles * d.G, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> col;
     for (int64_t task = t0; task < t1; ++task) {
