@@ -37,10 +37,15 @@
 namespace visionops {
 namespace {
 
-// Output positions per forward tile: its im2col (kTile x taps * Cg values) stays in L2 for common layers.
-constexpr int64_t kForwardTile = 64;
+// The largest im2col tile of the forward, in bytes: BLAS packs the whole weight once per GEMM, so the tiles are as
+// large as this allows (and no more than one per thread's share of the positions).
+constexpr int64_t kColBytes = int64_t{4} << 20;
+// Positions per grad_x GEMM (a block of input rows).
+constexpr int64_t kRowPositions = 512;
 // Positions per grad_w tile: its column (kTile x Cg) and grad (kTile x Og) blocks stay in L2.
-constexpr int64_t kWeightTile = 256;
+constexpr int64_t kWeightTile = 1024;
+// Output channels per grad_w task.
+constexpr int64_t kWeightOutBlock = 128;
 // Below this many input channels per group the GEMMs are too thin to pay: direct loops instead.
 constexpr int64_t kMinGemmChannels = 8;
 
@@ -230,11 +235,16 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   const T* w = w_t.const_data_ptr<T>();
   T* o = res.data();
   const int64_t positions = d.B * d.Do * d.Ho * d.Wo, K = d.taps * d.Cg;
-  const int64_t ntiles = (positions + kForwardTile - 1) / kForwardTile;
+  const int64_t threads = at::get_num_threads();
+  const int64_t cap = std::max<int64_t>(64, kColBytes / static_cast<int64_t>(K * sizeof(T)));
+  int64_t ntiles = std::max((positions + cap - 1) / cap, std::min<int64_t>(threads, positions));
+  ntiles = (ntiles + threads - 1) / threads * threads;  // a whole number of rounds of the threads
+  const int64_t tile = (positions + ntiles - 1) / ntiles;
+  ntiles = (positions + tile - 1) / tile;
   if (d.Cg < kMinGemmChannels) {
     const T* bp = b_t.defined() ? b_t.const_data_ptr<T>() : nullptr;
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      direct_forward(d, xp, w, bp, o, t0 * kForwardTile, std::min(positions, t1 * kForwardTile));
+      direct_forward(d, xp, w, bp, o, t0 * tile, std::min(positions, t1 * tile));
     });
     res.finish();
     return;
@@ -242,7 +252,7 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   at::parallel_for(0, ntiles * d.G, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> col;
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t gr = task % d.G, q0 = (task / d.G) * kForwardTile, q1 = std::min(positions, q0 + kForwardTile);
+      const int64_t gr = task % d.G, q0 = (task / d.G) * tile, q1 = std::min(positions, q0 + tile);
       col.resize((q1 - q0) * K);
       im2col(d, xp, gr, q0, q1, 0, d.taps, col.data());
       at::Tensor dst = mat(o + q0 * d.Cout + gr * d.Og, q1 - q0, d.Og, d.Cout);
@@ -271,35 +281,54 @@ void grad_input_impl(const ConvGeometry& g, const T* gp, const at::Tensor& weigh
   T* gx = res.data();
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2], pd = g.padding[0], ph = g.padding[1], pw = g.padding[2];
   const int64_t ncol = d.kW * d.Cg;
-  at::parallel_for(0, d.B * D * H, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> rowbuf(d.Wo * ncol);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t ih = r % H, id = (r / H) % D, b = r / (H * D);
-      T* dst = gx + r * W * d.Cin;
-      std::fill_n(dst, W * d.Cin, T(0));
+  // A task takes rows ih = rho + j * sh, j in [j0, j1), of one (b, id): for one kh they read consecutive output
+  // rows, so one GEMM covers them all.
+  const int64_t nj = (H + d.sh - 1) / d.sh;
+  const int64_t planes = d.B * D * d.sh;
+  const int64_t want = (4 * at::get_num_threads() + planes - 1) / planes;  // blocks per plane for balance
+  const int64_t R = std::max<int64_t>(1, std::min((kRowPositions + d.Wo - 1) / d.Wo, (nj + want - 1) / want));
+  const int64_t nblk = (nj + R - 1) / R;
+  at::parallel_for(0, planes * nblk, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> buf;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t rho = (task / nblk) % d.sh, id = (task / (nblk * d.sh)) % D, b = task / (nblk * d.sh * D);
+      const int64_t j0 = (task % nblk) * R, j1 = std::min(j0 + R, (H - rho + d.sh - 1) / d.sh);
+      if (j0 >= j1) continue;
+      T* plane = gx + (b * D + id) * H * W * d.Cin;
+      for (int64_t j = j0; j < j1; ++j) std::fill_n(plane + (rho + j * d.sh) * W * d.Cin, W * d.Cin, T(0));
       for (int64_t kd = 0; kd < d.kD; ++kd) {
         const int64_t zd = id + pd - kd * d.dd;
         if (zd < 0 || zd % d.sd != 0 || zd / d.sd >= d.Do) continue;
         for (int64_t kh = 0; kh < d.kH; ++kh) {
-          const int64_t zh = ih + ph - kh * d.dh;
-          if (zh < 0 || zh % d.sh != 0 || zh / d.sh >= d.Ho) continue;
-          const int64_t orow = (b * d.Do + zd / d.sd) * d.Ho + zh / d.sh;
+          const int64_t num = rho + ph - kh * d.dh;
+          if (((num % d.sh) + d.sh) % d.sh != 0) continue;
+          const int64_t base = num / d.sh;  // exact: output row of j = 0
+          const int64_t jlo = std::max(j0, -base), jhi = std::min(j1, d.Ho - base);
+          if (jlo >= jhi) continue;
+          const T* grow = gp + ((b * d.Do + zd / d.sd) * d.Ho + base + jlo) * d.Wo * d.Cout;
           if (direct) {
-            direct_grad_input_row(d, gp + orow * d.Wo * d.Cout, w, kd, kh, W, pw, dst);
+            for (int64_t j = jlo; j < jhi; ++j)
+              direct_grad_input_row(d, grow + (j - jlo) * d.Wo * d.Cout, w, kd, kh, W, pw,
+                                    plane + (rho + j * d.sh) * W * d.Cin);
             continue;
           }
+          const int64_t n = (jhi - jlo) * d.Wo;
+          buf.resize(n * ncol);
           for (int64_t gr = 0; gr < d.G; ++gr) {
-            at::Tensor row = mat(rowbuf.data(), d.Wo, ncol, ncol);
-            at::mm_out(row, mat(gp + orow * d.Wo * d.Cout + gr * d.Og, d.Wo, d.Og, d.Cout),
+            at::Tensor rows = mat(buf.data(), n, ncol, ncol);
+            at::mm_out(rows, mat(grow + gr * d.Og, n, d.Og, d.Cout),
                        mat(w + ((kd * d.kH + kh) * d.Cout + gr * d.Og) * ncol, d.Og, ncol, ncol));
-            for (int64_t ow = 0; ow < d.Wo; ++ow)
-              for (int64_t kw = 0; kw < d.kW; ++kw) {
-                const int64_t iw = ow * d.sw + kw * d.dw - pw;
-                if (iw < 0 || iw >= W) continue;
-                const T* s = rowbuf.data() + ow * ncol + kw * d.Cg;
-                T* t = dst + iw * d.Cin + gr * d.Cg;
-                for (int64_t c = 0; c < d.Cg; ++c) t[c] += s[c];
-              }
+            for (int64_t j = jlo; j < jhi; ++j) {
+              T* dst = plane + (rho + j * d.sh) * W * d.Cin + gr * d.Cg;
+              for (int64_t ow = 0; ow < d.Wo; ++ow)
+                for (int64_t kw = 0; kw < d.kW; ++kw) {
+                  const int64_t iw = ow * d.sw + kw * d.dw - pw;
+                  if (iw < 0 || iw >= W) continue;
+                  const T* src = buf.data() + ((j - jlo) * d.Wo + ow) * ncol + kw * d.Cg;
+                  T* t = dst + iw * d.Cin;
+                  for (int64_t c = 0; c < d.Cg; ++c) t[c] += src[c];
+                }
+            }
           }
         }
       }
@@ -328,18 +357,22 @@ void grad_weight_impl(const ConvGeometry& g, const T* gp, const at::Tensor& inpu
       }
     });
   } else {
-    at::parallel_for(0, d.taps * d.G, 1, [&](int64_t t0, int64_t t1) {
+    // Output channels split in fixed blocks (never by the thread count, which must not change the bits) so that
+    // a layer with few taps and groups still has tasks for every thread.
+    const int64_t ob = std::min(d.Og, kWeightOutBlock), nob = (d.Og + ob - 1) / ob;
+    at::parallel_for(0, d.taps * d.G * nob, 1, [&](int64_t t0, int64_t t1) {
       std::vector<T> col;
       for (int64_t task = t0; task < t1; ++task) {
-        const int64_t gr = task % d.G, tap = task / d.G;
-        at::Tensor dst = mat(dw + tap * d.Cg * d.Cout + gr * d.Og, d.Cg, d.Og, d.Cout);
+        const int64_t o0 = (task % nob) * ob, gr = (task / nob) % d.G, tap = task / (nob * d.G);
+        const int64_t on = std::min(ob, d.Og - o0);
+        at::Tensor dst = mat(dw + tap * d.Cg * d.Cout + gr * d.Og + o0, d.Cg, on, d.Cout);
         dst.zero_();
         for (int64_t q0 = 0; q0 < positions; q0 += kWeightTile) {
           const int64_t q1 = std::min(positions, q0 + kWeightTile);
           col.resize((q1 - q0) * d.Cg);
           im2col(d, xp, gr, q0, q1, tap, tap + 1, col.data());
           dst.addmm_(mat(col.data(), q1 - q0, d.Cg, d.Cg).t(),
-                     mat(gp + q0 * d.Cout + gr * d.Og, q1 - q0, d.Og, d.Cout));
+                     mat(gp + q0 * d.Cout + gr * d.Og + o0, q1 - q0, on, d.Cout));
         }
       }
     });
