@@ -17,9 +17,6 @@ from visionops.testing import dtype_name as _dn
 from visionops.testing import _Record
 
 FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
-# known Triton bugs, marked xfail(strict=True) so that a fix shows up as XPASS
-TRITON_STRIDED_BIAS = "Triton forward reads bias as contiguous (bias_ptr + co, bias.stride(0) ignored)"
-TRITON_ALIASED_MASK = "Triton backward returns one [0] placeholder for two masked gradients (aliased outputs)"
 
 
 def _has_backend(backend: str, device: str) -> bool:
@@ -40,14 +37,8 @@ def backends(device: str, kernels_only: bool = False):
     return [b for b in out if b != "reference"] if kernels_only else out
 
 
-def _cases(kernels_only=False, xfail_triton=None):
-    return [
-        pytest.param(d, b, marks=[pytest.mark.xfail(strict=True, reason=xfail_triton)] if b == "triton" else [])
-        if xfail_triton
-        else (d, b)
-        for d in DEVICES
-        for b in backends(d, kernels_only)
-    ]
+def _cases(kernels_only=False):
+    return [(d, b) for d in DEVICES for b in backends(d, kernels_only)]
 
 
 # (B, Cin, Cout, spatial, kernel, stride, padding, dilation, groups, bias) per size; one table per dimensionality
@@ -128,14 +119,11 @@ class _ConvBase(OpConformance):
     grad_inputs = (0, 1, 2)
     grad_factor = 6.0  # the weight gradient sums over batch and output positions: more terms than the output
     check_config = "strided_dilated_grouped"
+    # interpreted Triton: ~0.2 s a call, a gradcheck makes hundreds (its gradients are checked in every other test)
+    slow = (("test_gradcheck", "triton"),)
 
     def _backends(self, device):
         return backends(device)
-
-    def expected_failure(self, test, case):
-        if case.backend == "triton" and case.layout == "non_contiguous" and test == "test_matches_reference":
-            return TRITON_STRIDED_BIAS
-        return None
 
     def fn(self, *inputs, backend):
         return getattr(visionops, self.op)(*inputs, backend=backend)
@@ -379,7 +367,7 @@ def test_memory_format_follows_input(device, backend, n):
 
 
 @pytest.mark.parametrize("n", [2, 3])
-@pytest.mark.parametrize("device,backend", _cases(kernels_only=True, xfail_triton=TRITON_ALIASED_MASK))
+@pytest.mark.parametrize("device,backend", _cases(kernels_only=True))
 def test_backward_computes_only_the_gradients_asked_for(device, backend, n):
     """output_mask follows requires_grad: the backward op is asked for exactly the gradients autograd needs."""
     spec = (SHAPES2 if n == 2 else SHAPES3)["basic"]["small"]
