@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import visionops
 from visionops import reference
-from visionops.testing import DEVICES, Bad, KernelDtypes, OpConformance, backends_for, interpreted
+from visionops.testing import DEVICES, Bad, KernelDtypes, OpConformance, backends_for, interpreted, num_threads
 from visionops.testing import dtype_name as _dn
 from visionops.testing import _Record
 
@@ -477,3 +477,30 @@ def test_fake_kernels_follow_the_contract(n):
         with mode:
             out = op(mode.from_tensor(one_channel), mode.from_tensor(torch.zeros(3, 1, *[2] * n)), None, *lists, 1)
         assert out.is_contiguous(), name
+
+
+# Inside the C++ CPU kernels the GEMM path (enough channels per group) runs at::parallel_for tasks; its results must
+# not depend on reaching a worker thread, where inputs that require grad once tripped autograd's out= check.
+WIDE = {
+    2: (2, 32, 24, (13, 12), (3, 3), 1, 1, 1, 2, True),
+    3: (1, 32, 24, (5, 8, 7), (3, 3, 3), 1, 1, 1, 2, True),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dn)
+@pytest.mark.parametrize("n", [2, 3])
+def test_cpu_wide_channels_at_any_thread_count(n, dtype, threads):
+    """Forward and every gradient of inputs that require grad, at 1, 2 and 3 threads, equal F.conv's."""
+    x, w, b, *rest = _make(WIDE[n], "cpu", dtype, torch.Generator().manual_seed(10))
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    theirs = [t.clone().requires_grad_() for t in (x, w, b)]
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    with num_threads(threads):
+        out = OURS[n](*ours, *rest, backend="cpp")
+        got = torch.autograd.grad(out, ours, torch.ones_like(out))
+    expected = TORCH[n](*theirs, *rest)
+    torch.testing.assert_close(out, expected, **tol)
+    want = torch.autograd.grad(expected, theirs, torch.ones_like(out))
+    for name, g, e in zip(("input", "weight", "bias"), got, want):
+        torch.testing.assert_close(g, e, **tol, msg=lambda m, k=name: f"grad {k}: {m}")
