@@ -18,6 +18,7 @@
 // Small channel groups (depthwise, Cin / groups < kMinGemmChannels) make poor GEMMs: those run as direct loops over
 // channels instead (conv_direct_*), with the same partition.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -42,8 +43,9 @@ namespace {
 constexpr int64_t kColBytes = int64_t{4} << 20;
 // Positions per grad_x GEMM (a block of input rows).
 constexpr int64_t kRowPositions = 512;
-// Positions per grad_w tile: its column (kTile x Cg) and grad (kTile x Og) blocks stay in L2.
-constexpr int64_t kWeightTile = 1024;
+// Positions per grad_w GEMM: short enough that BLAS sums them in one block, whose order does not depend on the
+// threads (MKL sizes its blocks of longer sums by the threads sharing a cache); the tiles are then added in order.
+constexpr int64_t kWeightTile = 128;
 // Output channels per grad_w task.
 constexpr int64_t kWeightOutBlock = 128;
 // Below this many input channels per group the GEMMs are too thin to pay: direct loops instead.
@@ -93,6 +95,41 @@ struct Result {
   void finish() {
     if (!buf.is_same(view)) view.copy_(buf);
   }
+};
+
+// Each task's GEMMs run single-threaded: inside at::parallel_for MKL may still split one GEMM over threads (and so
+// its sums, making grad_w's bits depend on the thread count). MKL_Set_Num_Threads_Local is MKL's per-thread setting
+// (the C entry mkl_service.h's mkl_set_num_threads_local names; the lower-case symbol is the Fortran one, taking a
+// pointer), declared weak so that a torch built on another BLAS (single-threaded inside OpenMP regions) loads too.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+class SerialBlas {
+ public:
+  SerialBlas() : prev_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int prev_;
+};
+
+// A task's scratch matrix, 64-byte aligned: BLAS may pick its kernel by the operands' alignment, and the bits of
+// grad_w must not depend on where a thread's buffer happens to land.
+template <typename T>
+class Scratch {
+ public:
+  T* get(int64_t n) {
+    v_.resize(n + kAlign);
+    const auto p = reinterpret_cast<uintptr_t>(v_.data());
+    return v_.data() + ((kAlign * sizeof(T) - p % (kAlign * sizeof(T))) % (kAlign * sizeof(T))) / sizeof(T);
+  }
+
+ private:
+  static constexpr int64_t kAlign = 64 / sizeof(T);
+  std::vector<T> v_;
 };
 
 struct Dims {
@@ -250,13 +287,14 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
     return;
   }
   at::parallel_for(0, ntiles * d.G, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> col;
+    Scratch<T> scratch;
+    const SerialBlas serial;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t gr = task % d.G, q0 = (task / d.G) * tile, q1 = std::min(positions, q0 + tile);
-      col.resize((q1 - q0) * K);
-      im2col(d, xp, gr, q0, q1, 0, d.taps, col.data());
+      T* col = scratch.get((q1 - q0) * K);
+      im2col(d, xp, gr, q0, q1, 0, d.taps, col);
       at::Tensor dst = mat(o + q0 * d.Cout + gr * d.Og, q1 - q0, d.Og, d.Cout);
-      const at::Tensor a = mat(col.data(), q1 - q0, K, K), b = mat(w + gr * d.Og, K, d.Og, d.Cout);
+      const at::Tensor a = mat(col, q1 - q0, K, K), b = mat(w + gr * d.Og, K, d.Og, d.Cout);
       if (b_t.defined()) {
         at::addmm_out(dst, b_t.narrow(0, gr * d.Og, d.Og).expand({q1 - q0, d.Og}), a, b);
       } else {
@@ -289,7 +327,8 @@ void grad_input_impl(const ConvGeometry& g, const T* gp, const at::Tensor& weigh
   const int64_t R = std::max<int64_t>(1, std::min((kRowPositions + d.Wo - 1) / d.Wo, (nj + want - 1) / want));
   const int64_t nblk = (nj + R - 1) / R;
   at::parallel_for(0, planes * nblk, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> buf;
+    Scratch<T> scratch;
+    const SerialBlas serial;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t rho = (task / nblk) % d.sh, id = (task / (nblk * d.sh)) % D, b = task / (nblk * d.sh * D);
       const int64_t j0 = (task % nblk) * R, j1 = std::min(j0 + R, (H - rho + d.sh - 1) / d.sh);
@@ -313,9 +352,9 @@ void grad_input_impl(const ConvGeometry& g, const T* gp, const at::Tensor& weigh
             continue;
           }
           const int64_t n = (jhi - jlo) * d.Wo;
-          buf.resize(n * ncol);
+          T* buf = scratch.get(n * ncol);
           for (int64_t gr = 0; gr < d.G; ++gr) {
-            at::Tensor rows = mat(buf.data(), n, ncol, ncol);
+            at::Tensor rows = mat(buf, n, ncol, ncol);
             at::mm_out(rows, mat(grow + gr * d.Og, n, d.Og, d.Cout),
                        mat(w + ((kd * d.kH + kh) * d.Cout + gr * d.Og) * ncol, d.Og, ncol, ncol));
             for (int64_t j = jlo; j < jhi; ++j) {
@@ -324,7 +363,7 @@ void grad_input_impl(const ConvGeometry& g, const T* gp, const at::Tensor& weigh
                 for (int64_t kw = 0; kw < d.kW; ++kw) {
                   const int64_t iw = ow * d.sw + kw * d.dw - pw;
                   if (iw < 0 || iw >= W) continue;
-                  const T* src = buf.data() + ((j - jlo) * d.Wo + ow) * ncol + kw * d.Cg;
+                  const T* src = buf + ((j - jlo) * d.Wo + ow) * ncol + kw * d.Cg;
                   T* t = dst + iw * d.Cin;
                   for (int64_t c = 0; c < d.Cg; ++c) t[c] += src[c];
                 }
@@ -361,7 +400,8 @@ void grad_weight_impl(const ConvGeometry& g, const T* gp, const at::Tensor& inpu
     // a layer with few taps and groups still has tasks for every thread.
     const int64_t ob = std::min(d.Og, kWeightOutBlock), nob = (d.Og + ob - 1) / ob;
     at::parallel_for(0, d.taps * d.G * nob, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<T> col;
+      Scratch<T> scratch;
+      const SerialBlas serial;
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t o0 = (task % nob) * ob, gr = (task / nob) % d.G, tap = task / (nob * d.G);
         const int64_t on = std::min(ob, d.Og - o0);
@@ -369,10 +409,9 @@ void grad_weight_impl(const ConvGeometry& g, const T* gp, const at::Tensor& inpu
         dst.zero_();
         for (int64_t q0 = 0; q0 < positions; q0 += kWeightTile) {
           const int64_t q1 = std::min(positions, q0 + kWeightTile);
-          col.resize((q1 - q0) * d.Cg);
-          im2col(d, xp, gr, q0, q1, tap, tap + 1, col.data());
-          dst.addmm_(mat(col.data(), q1 - q0, d.Cg, d.Cg).t(),
-                     mat(gp + q0 * d.Cout + gr * d.Og + o0, q1 - q0, on, d.Cout));
+          T* col = scratch.get((q1 - q0) * d.Cg);
+          im2col(d, xp, gr, q0, q1, tap, tap + 1, col);
+          dst.addmm_(mat(col, q1 - q0, d.Cg, d.Cg).t(), mat(gp + q0 * d.Cout + gr * d.Og + o0, q1 - q0, on, d.Cout));
         }
       }
     });
