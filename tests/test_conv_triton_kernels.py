@@ -19,12 +19,14 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfl
 CASES = [
     (2, 2, 4, 6, (7, 6), (3, 3), 1, 1, 1, 1),
     (2, 1, 4, 4, (7, 5), (3, 2), 2, 2, 2, 2),  # stride, dilation, padding past the kernel's reach, groups
-    (2, 2, 6, 6, (5, 6), (3, 3), 2, 1, 1, 6),  # depthwise, strided
+    (2, 2, 6, 6, (5, 6), (3, 3), 2, 1, 1, 6),  # depthwise (the per-channel kernel), strided
+    (2, 1, 33, 33, (3, 4), (3, 3), 2, 1, 1, 33),  # depthwise, 32-channel blocks and a partial one
     (2, 1, 3, 6, (6, 5), (2, 2), (2, 1), (0, 1), (1, 2), 3),  # depthwise with a channel multiplier, mixed geometry
     (2, 1, 20, 18, (4, 3), (3, 3), 1, 1, 1, 1),  # enough channels for the tap-by-tap K order
     (2, 1, 34, 20, (3, 3), (1, 3), 1, (0, 1), 1, 2),  # tap-by-tap with a partial channel block per group
     (3, 1, 4, 4, (4, 5, 3), (2, 3, 2), 2, 1, 1, 2),
-    (3, 2, 3, 3, (3, 4, 4), (3, 1, 2), 1, (1, 0, 1), (1, 1, 2), 3),
+    (3, 2, 3, 3, (3, 4, 4), (3, 1, 2), 1, (1, 0, 1), (1, 1, 2), 3),  # depthwise 3D
+    (3, 1, 2, 4, (3, 3, 4), (2, 2, 1), (1, 2, 1), 1, (2, 1, 1), 1),
 ]
 
 

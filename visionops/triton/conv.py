@@ -13,6 +13,10 @@ Every direction is an implicit GEMM over one group (the grid's last axis), the i
   function of the shape only), added in a fixed order by a second kernel. No atomics: results are deterministic.
   grad_bias is reduced from the same grad tiles by the programs holding the first N tile.
 
+Depthwise convolutions (groups = Cin = Cout) take a per-channel stencil kernel instead for the forward and grad_input
+(a tile of positions x channels, tap by tap): as a GEMM they would leave all but one row or column of every
+tensor-core tile empty.
+
 K is walked in one of two orders, a compile-time choice: tap by tap with a block of channels inside (TAP_OUTER, when
 a group has enough channels to fill a block: the tap's positions and bounds are computed once per tap), or over
 the flattened (tap, channel) index, which keeps blocks full for depthwise and thin groups.
@@ -267,6 +271,54 @@ def _conv_wgrad_kernel(
 
 
 @triton.jit
+def _conv_depthwise_kernel(
+    src_ptr, w_ptr, bias_ptr, dst_ptr,
+    C, SD, SH, SW, D, H, W, KD, KH, KW, M,
+    ssb, ssc, ssd, ssh, ssw,
+    swc, swd, swh, sww,
+    sdb, sdc, sdd, sdh, sdw, s_bias,
+    st_d, st_h, st_w, pa_d, pa_h, pa_w, di_d, di_h, di_w,
+    TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, F64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """grid (M tiles, channel tiles), M = batch x dst positions; one channel per group and per output channel (groups
+    = Cin = Cout): a stencil per channel, tap by tap, without a GEMM's mostly empty tiles. Forward: src = input, dst =
+    output, dst[b, c, o] = sum over taps t of src[b, c, o * stride - padding + t * dilation] * w[c, t] (+ bias).
+    TRANSPOSED (grad_input): src = grad, dst = grad_input, summing over the taps that reach dst's position from an
+    output position, as _conv_dgrad_kernel does."""
+    acc_t = tl.float64 if F64 else tl.float32
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = rm < M
+    b, pd, ph, pw = _split4(rm, D, H, W)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    src_m = src_ptr + b.to(tl.int64) * ssb  # [BLOCK_M]
+    src_c = cs.to(tl.int64) * ssc  # [BLOCK_C]
+    w_c = w_ptr + cs.to(tl.int64) * swc
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_t)
+    for t in range(0, KD * KH * KW):
+        kd, kh, kw = _split3(t, KH, KW)
+        if TRANSPOSED:
+            qd, okd = _tap_out(pd, kd, st_d, pa_d, di_d, SD)
+            qh, okh = _tap_out(ph, kh, st_h, pa_h, di_h, SH)
+            qw, okw = _tap_out(pw, kw, st_w, pa_w, di_w, SW)
+        else:
+            qd, okd = _tap_in(pd, kd, st_d, pa_d, di_d, SD)
+            qh, okh = _tap_in(ph, kh, st_h, pa_h, di_h, SH)
+            qw, okw = _tap_in(pw, kw, st_w, pa_w, di_w, SW)
+        ok = mmask & okd & okh & okw
+        src = src_m + qd.to(tl.int64) * ssd + qh.to(tl.int64) * ssh + qw.to(tl.int64) * ssw
+        v = tl.load(src[:, None] + src_c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0).to(acc_t)
+        wv = tl.load(w_c + kd * swd + kh * swh + kw * sww, mask=cmask, other=0.0).to(acc_t)
+        acc += v * wv[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cs.to(tl.int64) * s_bias, mask=cmask, other=0.0).to(acc_t)[None, :]
+    d_m = b.to(tl.int64) * sdb + pd.to(tl.int64) * sdd + ph.to(tl.int64) * sdh + pw.to(tl.int64) * sdw
+    dst = dst_ptr + d_m[:, None] + (cs.to(tl.int64) * sdc)[None, :]
+    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def _sum_splits_kernel(
     part_ptr, out_ptr, n, n_split, S1, S2, S3, S4,
     so0, so1, so2, so3, so4,
@@ -351,12 +403,39 @@ def _out_shape(x: Tensor, w: Tensor, stride, padding, dilation) -> List[int]:
     return [x.shape[0], w.shape[0], *sp]
 
 
+def _depthwise(x: Tensor, w: Tensor, groups: int) -> bool:
+    """Whether the per-channel stencil kernel serves the forward and grad_input (one channel in and out per group)."""
+    return groups > 1 and x.shape[1] == groups and w.shape[0] == groups
+
+
+def _depthwise_blocks(c: int) -> Tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) of the depthwise kernel: 32 channels when there are that many, else 16."""
+    return (64, 32) if c >= 32 else (128, 16)
+
+
+def _launch_depthwise(src5: Tensor, w5: Tensor, bias: Optional[Tensor], dst5: Tensor, geometry, transposed: bool):
+    c = dst5.shape[1]
+    block_m, block_c = _depthwise_blocks(c)
+    m = dst5.shape[0] * dst5.shape[2] * dst5.shape[3] * dst5.shape[4]
+    _conv_depthwise_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+        src5, w5, bias if bias is not None else dst5, dst5,
+        c, *src5.shape[2:], *dst5.shape[2:], *w5.shape[2:], m,
+        *src5.stride(), w5.stride(0), *w5.stride()[2:], *dst5.stride(), bias.stride(0) if bias is not None else 0,
+        *geometry,
+        TRANSPOSED=transposed, HAS_BIAS=bias is not None, F64=dst5.dtype == torch.float64,
+        BLOCK_M=block_m, BLOCK_C=block_c,
+    )  # fmt: skip
+
+
 def _forward(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
     out = torch.empty(_out_shape(x, w, stride, padding, dilation), dtype=x.dtype, device=x.device)
     out = out.contiguous(memory_format=_format(x))
     if out.numel() == 0:
         return out
     x5, w5, o5 = _as3d(x), _as3d(w), _as3d(out)
+    if _depthwise(x, w, groups):
+        _launch_depthwise(x5, w5, bias, o5, _geometry(stride, padding, dilation), False)
+        return out
     cg, cog = x.shape[1] // groups, w.shape[0] // groups
     f64 = x.dtype == torch.float64
     block_m, block_n, block_k, warps = _tiles(cog, f64)
@@ -378,6 +457,9 @@ def _grad_input(g5: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, gro
     if gx.numel() == 0:
         return gx
     x5, w5, d5 = _as3d(x), _as3d(w), _as3d(gx)
+    if _depthwise(x, w, groups):
+        _launch_depthwise(g5, w5, None, d5, _geometry(stride, padding, dilation), True)
+        return gx
     cg, cog = x.shape[1] // groups, w.shape[0] // groups
     f64 = x.dtype == torch.float64
     block_m, block_n, block_k, warps = _tiles(cg, f64)
@@ -556,6 +638,15 @@ def compile_specs():
             s.update({"gw_ptr": f"*{part}", "gb_ptr": f"*{part}", "sbs": "i32"})
             s.update({f"sd{a}": "i32" for a in "oidhws"})
             out.append((_conv_wgrad_kernel, s, c))
+        for transposed, (block_m, block_c) in ((False, _depthwise_blocks(16)), (True, _depthwise_blocks(32))):
+            c = dict(TRANSPOSED=transposed, HAS_BIAS=not transposed, F64=f64, BLOCK_M=block_m, BLOCK_C=block_c)
+            s = {p: f"*{dtype}" for p in ("src_ptr", "w_ptr", "bias_ptr", "dst_ptr")}
+            s.update({n: "i32" for n in ["C", "SD", "SH", "SW", "D", "H", "W", "KD", "KH", "KW", "M", "s_bias"]})
+            s.update({f"s{g}{a}": "i32" for g in "sd" for a in "bcdhw"})
+            s.update({f"sw{a}": "i32" for a in "cdhw"})
+            s.update({n: "i32" for n in geometry})
+            s.update({k: "constexpr" for k in c})
+            out.append((_conv_depthwise_kernel, s, c))
         s = {"part_ptr": f"*{acc}", "out_ptr": f"*{dtype}"}
         s.update({n: "i32" for n in ("n", "n_split", "S1", "S2", "S3", "S4", "so0", "so1", "so2", "so3", "so4")})
         s["BLOCK"] = "constexpr"
