@@ -5,18 +5,21 @@
 // the input zero-padded once, [B, Dp, Hp, Wp, Cin], grad [B, Do, Ho, Wo, Cout], the weight permuted so each
 // direction's GEMM operand is a plain matrix. The copies cost a pass over each tensor, small against the GEMMs.
 //
-//   forward  out[P x Og]      = col[P x taps*Cg] @ W[taps*Cg x Og]       per tile of P output positions and group,
-//                                                                       col that tile's im2col (it stays in L2)
-//   grad_x   row[Wo x kW*Cg]  = g[Wo x Og] @ W[Og x kW*Cg]                per input row, (kd, kh) tap and group,
-//                                                                       then added into the input row it reaches
-//   grad_w   dW_t[Cg x Og]   += col_t[P x Cg]^T @ g[P x Og]              per (tap, group), over all positions in
-//                                                                       tiles of P, in order
+//   forward  out[P x Og]    = col[P x taps*Cg] @ W[taps*Cg x Og]    per tile of P output positions and group, col
+//                                                                   the tile's im2col (at most kColBytes: BLAS packs
+//                                                                   all of W once per call, so the tiles are large)
+//   grad_x   rows[n x kW*Cg] = g[n x Og] @ W[Og x kW*Cg]            per block of input rows of one residue mod the
+//                                                                   stride, (kd, kh) tap and group: the output rows
+//                                                                   they read are consecutive (n positions); then
+//                                                                   added into the input rows they reach
+//   grad_w   dW_t[Cg x Ob]  += col_t[P x Cg]^T @ g[P x Ob]          per (tap, group, block of output channels), over
+//                                                                   all positions in tiles of kWeightTile, in order
 //
-// Each task owns its outputs (grad_x a whole input row, grad_w a tap and group) and sums in a fixed order, so the
-// bits do not depend on the thread count. The GEMMs go through at::mm_out on views of the buffers, that is torch's
-// own BLAS (MKL, OpenBLAS, ...), called from inside at::parallel_for so that each runs single-threaded.
-// Small channel groups (depthwise, Cin / groups < kMinGemmChannels) make poor GEMMs: those run as direct loops over
-// channels instead (conv_direct_*), with the same partition.
+// Each task owns its outputs (grad_x whole input rows, grad_w a block of one tap) and sums in a fixed order, and
+// the partition of grad_w does not depend on the thread count, so neither do its bits. The GEMMs go through
+// at::mm_out / addmm_ on views of the buffers, that is torch's own BLAS, single-threaded inside each task
+// (SerialBlas). Thin channel groups (depthwise, Cin / groups < kMinGemmChannels) make poor GEMMs: those run as
+// direct loops over channels instead (direct_*), with the same partition.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
