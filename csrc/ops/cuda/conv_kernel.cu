@@ -199,7 +199,6 @@ struct CudaConv {
                       const at::Tensor* bias, at::Tensor& out) {
     c10::cuda::CUDAGuard guard(input.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     // The GEMMs below stay in the call's dtype inside a torch.autocast region too (the backward op can be called
     // there), where autocast would otherwise recast at::bmm's operands.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -225,6 +224,7 @@ struct CudaConv {
                        at::Tensor* grad_bias) {
     c10::cuda::CUDAGuard guard(input.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     if (grad_bias != nullptr) {
       std::array<int64_t, 4> dims{0, 2, 3, 4};
       grad_bias->copy_(at::sum(grad, at::IntArrayRef(dims.data(), g.ndim + 1)));
