@@ -42,8 +42,9 @@
 namespace visionops {
 namespace {
 
-// Bytes of one column buffer (beyond the one run of a single column): bounds the memory a call takes besides its
-// inputs and outputs, while chunks of several small images keep the GEMMs large.
+// Bytes of one column buffer (unless one output position's column, or one channel's rows for grad_input, is larger
+// alone): bounds the memory a call takes besides its inputs and outputs, while chunks of several small images keep
+// the GEMMs large.
 constexpr int64_t kColumnBytes = int64_t(256) << 20;
 
 // ConvGeometry's spatial sizes as a plain struct the kernels take by value ([depth, height, width]).
