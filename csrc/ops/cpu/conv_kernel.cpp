@@ -55,6 +55,8 @@ constexpr int64_t kWeightOutBlock = 128;
 // Below this many input and output channels per group (depthwise and its near relatives) the GEMMs are too thin to
 // pay: direct loops instead. A thin input alone (an RGB first layer) still makes a fine GEMM: K is taps * Cg.
 constexpr int64_t kMinGemmChannels = 8;
+// Taps whose input offsets im2col tables (7x7x7); larger kernels compute them per row.
+constexpr int64_t kMaxTaps = 343;
 
 // t's [B, D, H, W, C] channels-last view (2-D: D = 1).
 at::Tensor cl5(const at::Tensor& t, int ndim) {
@@ -175,12 +177,33 @@ struct Dims {
 template <typename T>
 void im2col(const Dims& d, const T* xp, int64_t gr, int64_t q0, int64_t q1, int64_t t0, int64_t t1, T* col) {
   const int64_t ld = (t1 - t0) * d.Cg;
+  // Offsets of the taps from a position's first tap, computed once: the per-row work is then one add and a copy of
+  // Cg channels per tap (with an RGB first layer that copy is 3 values: divisions per tap would dominate).
+  int64_t tap_offset[kMaxTaps];
+  const bool tabled = t1 - t0 <= kMaxTaps;
+  if (tabled)
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t kw = t % d.kW, kh = (t / d.kW) % d.kH, kd = t / (d.kW * d.kH);
+      tap_offset[t - t0] = d.x_offset(0, 0, 0, 0, kd, kh, kw);
+    }
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t ow = q % d.Wo, r = q / d.Wo, oh = r % d.Ho, od = (r / d.Ho) % d.Do, b = r / (d.Ho * d.Do);
     T* dst = col + (q - q0) * ld;
+    const T* base = xp + d.x_offset(b, od, oh, ow, 0, 0, 0) + gr * d.Cg;
     for (int64_t t = t0; t < t1; ++t, dst += d.Cg) {
-      const int64_t kw = t % d.kW, kh = (t / d.kW) % d.kH, kd = t / (d.kW * d.kH);
-      std::memcpy(dst, xp + d.x_offset(b, od, oh, ow, kd, kh, kw) + gr * d.Cg, d.Cg * sizeof(T));
+      int64_t off;
+      if (tabled) {
+        off = tap_offset[t - t0];
+      } else {
+        const int64_t kw = t % d.kW, kh = (t / d.kW) % d.kH, kd = t / (d.kW * d.kH);
+        off = d.x_offset(0, 0, 0, 0, kd, kh, kw);
+      }
+      const T* src = base + off;
+      if (d.Cg <= 8) {
+        for (int64_t c = 0; c < d.Cg; ++c) dst[c] = src[c];
+      } else {
+        std::memcpy(dst, src, d.Cg * sizeof(T));
+      }
     }
   }
 }
