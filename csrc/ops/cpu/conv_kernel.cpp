@@ -18,7 +18,8 @@
 // Each task owns its outputs (grad_x whole input rows, grad_w a block of one tap) and sums in a fixed order, and
 // the partition of grad_w does not depend on the thread count, so neither do its bits. The GEMMs go through
 // at::mm_out / addmm_ on views of the buffers, that is torch's own BLAS, single-threaded inside each task
-// (SerialBlas). Thin channel groups (depthwise, Cin / groups < kMinGemmChannels) make poor GEMMs: those run as
+// (SerialBlas). Thin channel groups (depthwise: Cin / groups and Cout / groups both < kMinGemmChannels) make poor
+// GEMMs: those run as
 // direct loops over channels instead (direct_*), with the same partition.
 #include <algorithm>
 #include <cstdint>
@@ -51,8 +52,11 @@ constexpr int64_t kRowPositions = 512;
 constexpr int64_t kWeightTile = 128;
 // Output channels per grad_w task.
 constexpr int64_t kWeightOutBlock = 128;
-// Below this many input channels per group the GEMMs are too thin to pay: direct loops instead.
+// Below this many input and output channels per group (depthwise and its near relatives) the GEMMs are too thin to
+// pay: direct loops instead. A thin input alone (an RGB first layer) still makes a fine GEMM: K is taps * Cg.
 constexpr int64_t kMinGemmChannels = 8;
+// Taps whose input offsets im2col tables (7x7x7); larger kernels compute them per row.
+constexpr int64_t kMaxTaps = 343;
 
 // t's [B, D, H, W, C] channels-last view (2-D: D = 1).
 at::Tensor cl5(const at::Tensor& t, int ndim) {
@@ -137,6 +141,7 @@ class Scratch {
 
 struct Dims {
   int64_t B, Cin, Cout, G, Cg, Og, taps;
+  bool thin() const { return Cg < kMinGemmChannels && Og < kMinGemmChannels; }
   int64_t Dp, Hp, Wp, Do, Ho, Wo, kD, kH, kW, sd, sh, sw, dd, dh, dw;
   explicit Dims(const ConvGeometry& g)
       : B(g.batch),
@@ -172,17 +177,38 @@ struct Dims {
 template <typename T>
 void im2col(const Dims& d, const T* xp, int64_t gr, int64_t q0, int64_t q1, int64_t t0, int64_t t1, T* col) {
   const int64_t ld = (t1 - t0) * d.Cg;
+  // Offsets of the taps from a position's first tap, computed once: the per-row work is then one add and a copy of
+  // Cg channels per tap (with an RGB first layer that copy is 3 values: divisions per tap would dominate).
+  int64_t tap_offset[kMaxTaps];
+  const bool tabled = t1 - t0 <= kMaxTaps;
+  if (tabled)
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t kw = t % d.kW, kh = (t / d.kW) % d.kH, kd = t / (d.kW * d.kH);
+      tap_offset[t - t0] = d.x_offset(0, 0, 0, 0, kd, kh, kw);
+    }
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t ow = q % d.Wo, r = q / d.Wo, oh = r % d.Ho, od = (r / d.Ho) % d.Do, b = r / (d.Ho * d.Do);
     T* dst = col + (q - q0) * ld;
+    const T* base = xp + d.x_offset(b, od, oh, ow, 0, 0, 0) + gr * d.Cg;
     for (int64_t t = t0; t < t1; ++t, dst += d.Cg) {
-      const int64_t kw = t % d.kW, kh = (t / d.kW) % d.kH, kd = t / (d.kW * d.kH);
-      std::memcpy(dst, xp + d.x_offset(b, od, oh, ow, kd, kh, kw) + gr * d.Cg, d.Cg * sizeof(T));
+      int64_t off;
+      if (tabled) {
+        off = tap_offset[t - t0];
+      } else {
+        const int64_t kw = t % d.kW, kh = (t / d.kW) % d.kH, kd = t / (d.kW * d.kH);
+        off = d.x_offset(0, 0, 0, 0, kd, kh, kw);
+      }
+      const T* src = base + off;
+      if (d.Cg <= 8) {
+        for (int64_t c = 0; c < d.Cg; ++c) dst[c] = src[c];
+      } else {
+        std::memcpy(dst, src, d.Cg * sizeof(T));
+      }
     }
   }
 }
 
-// The direct loops for thin groups (Cg < kMinGemmChannels), on the same buffers and with the same partition as the
+// The direct loops for thin groups (Dims::thin), on the same buffers and with the same partition as the
 // GEMM paths. w is the forward's [taps * Cg, Cout] weight; the innermost loops run over contiguous output channels
 // (or, depthwise, over all channels at once) so that they vectorise.
 template <typename T>
@@ -269,7 +295,8 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   const at::Tensor xp_t = padded_input(input, g, dtype);
   // weight as [taps * Cg, Cout]: group gr's GEMM operand is columns [gr * Og, (gr + 1) * Og).
   const at::Tensor w_t = dense(cl5(weight, g.ndim).permute({1, 2, 3, 4, 0}), dtype);
-  const at::Tensor b_t = bias != nullptr ? dense(*bias, dtype) : at::Tensor();
+  // detached: the GEMMs below run on worker threads, which do not inherit the caller's below-autograd dispatch state
+  const at::Tensor b_t = bias != nullptr ? dense(*bias, dtype).detach() : at::Tensor();
   Result<T> res(out, g.ndim);
   const T* xp = xp_t.const_data_ptr<T>();
   const T* w = w_t.const_data_ptr<T>();
@@ -281,7 +308,7 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   ntiles = (ntiles + threads - 1) / threads * threads;  // a whole number of rounds of the threads
   const int64_t tile = (positions + ntiles - 1) / ntiles;
   ntiles = (positions + tile - 1) / tile;
-  if (d.Cg < kMinGemmChannels) {
+  if (d.thin()) {
     const T* bp = b_t.defined() ? b_t.const_data_ptr<T>() : nullptr;
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       direct_forward(d, xp, w, bp, o, t0 * tile, std::min(positions, t1 * tile));
@@ -312,7 +339,7 @@ template <typename T>
 void grad_input_impl(const ConvGeometry& g, const T* gp, const at::Tensor& weight, at::Tensor& grad_input) {
   constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
   const Dims d(g);
-  const bool direct = d.Cg < kMinGemmChannels;
+  const bool direct = d.thin();
   // weight as [kD, kH, Cout, kW, Cg]: for one (kd, kh) and group, rows o, columns (kw, c); the direct loops take
   // the forward's [taps * Cg, Cout].
   const at::Tensor w_t = dense(
@@ -389,7 +416,7 @@ void grad_weight_impl(const ConvGeometry& g, const T* gp, const at::Tensor& inpu
   at::Tensor dw_t = at::empty({d.taps * d.Cg, d.Cout}, input.options().dtype(dtype));
   T* dw = dw_t.mutable_data_ptr<T>();
   const int64_t positions = d.B * d.Do * d.Ho * d.Wo;
-  if (d.Cg < kMinGemmChannels) {
+  if (d.thin()) {
     constexpr int64_t kBlock = 64;  // output channels per task
     const int64_t nblk = (d.Cout + kBlock - 1) / kBlock;
     at::parallel_for(0, d.taps * nblk, 1, [&](int64_t t0, int64_t t1) {
