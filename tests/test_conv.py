@@ -480,23 +480,14 @@ def test_fake_kernels_follow_the_contract(n):
 
 
 # Inside the C++ CPU kernels the GEMM path (enough channels per group) runs at::parallel_for tasks; its results must
-# not depend on reaching a worker thread, where inputs that require grad once tripped autograd's out= check.
+# not depend on reaching a worker thread (no autograd exclusion there: a bias that requires grad must not reach it).
 WIDE = {
     2: (2, 32, 24, (13, 12), (3, 3), 1, 1, 1, 2, True),
     3: (1, 32, 24, (5, 8, 7), (3, 3, 3), 1, 1, 1, 2, True),
 }
 
 
-CPU_BIAS_GRAD_BUG = (
-    "C++ CPU forward: at::addmm_out with a bias that requires grad, called on an at::parallel_for worker thread "
-    "(no autograd exclusion there), raises 'addmm(): functions with out=... arguments don't support automatic "
-    "differentiation'"
-)
-
-
-@pytest.mark.parametrize(
-    "threads", [1, *(pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=CPU_BIAS_GRAD_BUG)) for t in (2, 3))]
-)
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dn)
 @pytest.mark.parametrize("n", [2, 3])
 def test_cpu_wide_channels_at_any_thread_count(n, dtype, threads):
