@@ -8,6 +8,7 @@ from visionops._version import __version__
 from visionops._extension import build_info  # loads _C: registers the C++/CUDA kernels
 from visionops import ops  # noqa: E402  (declares every op in the registry)
 from visionops.ops import *  # noqa: E402,F401,F403  (the public ops: visionops.ops.__all__)
+from visionops import nn  # noqa: E402,F401  (visionops.nn.Conv2d / Conv3d)
 import visionops.triton  # noqa: E402,F401  (defines the Triton ops when triton is installed)
 from visionops.compat import patch_torchvision, unpatch  # noqa: E402
 

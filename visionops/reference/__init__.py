@@ -2,6 +2,7 @@
 
 from visionops.reference.anchors import cell_anchors, grid_anchors, grid_anchors_op
 from visionops.reference.box_coder import decode_boxes, encode_boxes, filter_boxes
+from visionops.reference.conv import conv2d, conv3d
 from visionops.reference.nms import batched_nms, batched_soft_nms, box_iou, nms, soft_nms
 from visionops.reference.roi import multi_scale_roi_align, roi_align, roi_pool
 from visionops.reference.xcorr import depthwise_xcorr, xcorr
@@ -23,4 +24,6 @@ __all__ = [
     "filter_boxes",
     "xcorr",
     "depthwise_xcorr",
+    "conv2d",
+    "conv3d",
 ]
