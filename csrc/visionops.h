@@ -10,7 +10,9 @@
 // Each signature is checked against the registered kernels' at the first call (findSchemaOrThrow + typed):
 // tests/cpp/consumer.cpp calls every one. SymInt arguments are taken as int64_t, as the kernels are.
 #pragma once
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -26,6 +28,7 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 }  // namespace detail
 
 // NMS family (torchvision.ops.nms, batched_nms, box_iou). Boxes are (x1, y1, x2, y2).
@@ -215,6 +218,48 @@ inline detail::TensorPair _depthwise_xcorr_backward(const at::Tensor& grad, cons
   static const auto handle = detail::op<detail::TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
       "visionops::_depthwise_xcorr_backward");
   return handle.call(grad, z, x);
+}
+
+// Convolution (visionops.conv2d, conv3d; F.conv2d / F.conv3d semantics, symmetric zero padding). input
+// [B, Cin, *spatial], weight [Cout, Cin / groups, *kernel], bias [Cout] or none; stride, padding and dilation have 2
+// (conv2d) or 3 (conv3d) values. The output follows the input's memory format (channels-last or contiguous).
+
+inline at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  static const auto handle =
+      detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                            at::IntArrayRef, at::IntArrayRef, int64_t)>("visionops::conv2d");
+  return handle.call(input, weight, bias, stride, padding, dilation, groups);
+}
+
+// (grad_input, grad_weight, grad_bias) of conv2d given grad (the output's shape); an entry whose output_mask is
+// false comes back as an empty tensor of shape [0].
+inline detail::TensorTriple _conv2d_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                             int64_t groups, std::array<bool, 3> output_mask) {
+  static const auto handle =
+      detail::op<detail::TensorTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                      at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 3>)>(
+          "visionops::_conv2d_backward");
+  return handle.call(grad, input, weight, stride, padding, dilation, groups, output_mask);
+}
+
+inline at::Tensor conv3d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  static const auto handle =
+      detail::op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                            at::IntArrayRef, at::IntArrayRef, int64_t)>("visionops::conv3d");
+  return handle.call(input, weight, bias, stride, padding, dilation, groups);
+}
+
+inline detail::TensorTriple _conv3d_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                             int64_t groups, std::array<bool, 3> output_mask) {
+  static const auto handle =
+      detail::op<detail::TensorTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                      at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 3>)>(
+          "visionops::_conv3d_backward");
+  return handle.call(grad, input, weight, stride, padding, dilation, groups, output_mask);
 }
 
 // What the library was built against: "version=...;torch=...;cuda=0|1;cuda_arches=...;roi_align_max_levels=8;

@@ -98,6 +98,26 @@ int main() {
   const auto [dgz, dgx] = visionops::_depthwise_xcorr_backward(at::ones({1, 2, 2, 2}), zx, xx);
   check(near(dgz[0][0][1][1], 4 + 5 + 7 + 8) && near(dgx[0][1][1][1], 4.0) && near(dgx[0][1][0][0], 1.0),
         "_depthwise_xcorr_backward");
+  // conv2d of the same plane with a 2x2 kernel of ones and bias 1: the window sums plus 1. With grad = ones,
+  // grad_input counts the taps reaching each cell, grad_weight[i, j] sums the cells tap (i, j) reads, grad_bias the 4
+  // outputs. conv3d sees the plane as depth 1.
+  const at::Tensor cx = at::arange(9, at::kFloat).view({1, 1, 3, 3}), cw = at::ones({1, 1, 2, 2});
+  const at::Tensor cy = visionops::conv2d(cx, cw, at::ones({1}), {1, 1}, {0, 0}, {1, 1}, 1);
+  check(cy.sizes() == at::IntArrayRef({1, 1, 2, 2}) && near(cy[0][0][0][0], 9.0) && near(cy[0][0][1][1], 25.0),
+        "conv2d");
+  const auto [cgi, cgw, cgb] =
+      visionops::_conv2d_backward(at::ones({1, 1, 2, 2}), cx, cw, {1, 1}, {0, 0}, {1, 1}, 1, {true, true, true});
+  check(near(cgi[0][0][1][1], 4.0) && near(cgi[0][0][0][0], 1.0) && near(cgw[0][0][0][0], 0 + 1 + 3 + 4) &&
+            near(cgb[0], 4.0),
+        "_conv2d_backward");
+  const at::Tensor c3 = visionops::conv3d(cx.unsqueeze(2), cw.unsqueeze(2), {}, {1, 1, 1}, {0, 0, 0}, {1, 1, 1}, 1);
+  check(c3.sizes() == at::IntArrayRef({1, 1, 1, 2, 2}) && near(c3[0][0][0][1][1], 24.0), "conv3d");
+  const auto [c3gi, c3gw, c3gb] =
+      visionops::_conv3d_backward(at::ones({1, 1, 1, 2, 2}), cx.unsqueeze(2), cw.unsqueeze(2), {1, 1, 1}, {0, 0, 0},
+                                  {1, 1, 1}, 1, {false, true, false});
+  check(c3gi.sizes() == at::IntArrayRef({0}) && near(c3gw[0][0][0][1][1], 4 + 5 + 7 + 8) &&
+            c3gb.sizes() == at::IntArrayRef({0}),
+        "_conv3d_backward");
   const std::string info = visionops::build_info();
   check(info.find(";roi_align_max_levels=8;roi_align_max_grid=65536") != std::string::npos, "build_info");
 
