@@ -190,8 +190,8 @@ def shapes_segmentation(
     [N, size, size] indexing :data:`SHAPE_CLASSES` (0 background, 1 disc, 2 square, 3 triangle).
 
     Each image is a mid-grey blocky colour texture (random cell size) with fine noise, under 1 to ``max_objects``
-    shapes of random kind, size (circumradius 10-20 % of the image side), rotation and saturated colour with a fine
-    texture of their own; later shapes occlude earlier ones, in the image and in the labels alike."""
+    shapes of random kind, size (circumradius 14-24 % of the image side), rotation and saturated colour with a fine
+    texture of their own, at least 2 px apart (a shape that would touch an earlier one is dropped)."""
     if num_images < 0 or max_objects < 1 or size < 16:
         raise ValueError(
             f"need num_images >= 0, max_objects >= 1 and size >= 16, got {num_images}, {max_objects}, {size}"
@@ -204,10 +204,12 @@ def shapes_segmentation(
         img = 0.35 + 0.3 * _texture(size, cells, g)
         for _ in range(int(torch.randint(1, max_objects + 1, (1,), generator=g))):
             kind = int(torch.randint(1, 4, (1,), generator=g))
-            r = size * (0.10 + 0.10 * float(torch.rand((), generator=g)))
+            r = size * (0.14 + 0.10 * float(torch.rand((), generator=g)))
             cx, cy = (r + (size - 2 * r) * torch.rand(2, generator=g)).tolist()
             angle = 2 * math.pi * float(torch.rand((), generator=g))
             mask = _shape_mask(kind, cx, cy, r, angle, size)
+            if (labels[i][F.max_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0] > 0] > 0).any():
+                continue  # keep a 2 px gap between shapes: an occluded shape could be any of them
             # each channel dark or bright, never the background's mid grey
             colour = torch.where(torch.rand(3, generator=g) < 0.5, 0.0, 0.8) + 0.2 * torch.rand(3, generator=g)
             fill = colour[:, None, None] + 0.1 * (torch.rand(1, size, size, generator=g) - 0.5)
