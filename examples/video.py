@@ -1,6 +1,6 @@
 """Recognise the direction of motion in generated clips with C3D and a two-stream network, against frame averaging.
 
-    python examples/video.py [--backend visionops|pytorch] [--steps 500] [--seed 0]
+    python examples/video.py [--backend visionops|pytorch] [--steps 300] [--c3d-steps 800] [--seed 0]
 
 Nothing is downloaded: visionops.models.data.motion_clips draws clips of a textured square gliding right, left,
 down or up (the four classes) over a static textured background, with their exact optical flow. Three networks
@@ -31,6 +31,7 @@ FLOW_LENGTH = 5  # stacked flow fields of the temporal stream (the paper's L is 
 def train(name, model, loss_fn, scores_fn, train_set, test_set, steps, batch, lr, gen) -> float:
     """Adam on random batches of ``train_set``; returns the held-out accuracy."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         idx = torch.randint(len(train_set.labels), (batch,), generator=gen)
@@ -39,6 +40,7 @@ def train(name, model, loss_fn, scores_fn, train_set, test_set, steps, batch, lr
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if step % 100 == 0 or step == steps:
             print(
                 f"  {name}: step {step:4d}  loss {loss.item():.4f}  ({time.perf_counter() - start:.0f} s)", flush=True
@@ -54,7 +56,8 @@ def train(name, model, loss_fn, scores_fn, train_set, test_set, steps, batch, lr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=("visionops", "pytorch"), default="visionops")
-    parser.add_argument("--steps", type=int, default=500, help="training steps per network")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the 2D networks")
+    parser.add_argument("--c3d-steps", type=int, default=800, help="training steps of C3D")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=32, help="frame side (px)")
@@ -83,6 +86,7 @@ def main() -> None:
             lambda m, i: F.cross_entropy(m(train_set.clips[i]), train_set.labels[i]),
             lambda m, s, i: m(s.clips[i]),
             1e-3,
+            args.c3d_steps,
         ),
         "two-stream": (
             TwoStream(4, args.backend, flow_length=FLOW_LENGTH, width=args.width, generator=net_gen()),
@@ -93,20 +97,22 @@ def main() -> None:
             ),
             lambda m, s, i: m(s.clips[i][:, :, mid + FLOW_LENGTH // 2], stack_flow(s.flow[i], mid, FLOW_LENGTH)),
             2e-3,
+            args.steps,
         ),
         "frame averaging": (
             FrameAveraging(4, args.backend, width=args.width, generator=net_gen()),
             lambda m, i: m.loss(train_set.clips[i], train_set.labels[i]),
             lambda m, s, i: m(s.clips[i]),
             2e-3,
+            args.steps,
         ),
     }
     accuracies = {}
     gen = torch.Generator().manual_seed(args.seed + 2)
-    for name, (model, loss_fn, scores_fn, lr) in runs.items():
+    for name, (model, loss_fn, scores_fn, lr, steps) in runs.items():
         start = time.perf_counter()
         print(f"{name} ({args.backend}):", flush=True)
-        accuracies[name] = train(name, model, loss_fn, scores_fn, train_set, test_set, args.steps, args.batch, lr, gen)
+        accuracies[name] = train(name, model, loss_fn, scores_fn, train_set, test_set, steps, args.batch, lr, gen)
         print(f"  held-out accuracy {accuracies[name]:.1%}  ({time.perf_counter() - start:.0f} s)")
     print("held-out accuracy: " + ", ".join(f"{n} {a:.1%}" for n, a in accuracies.items()) + " (chance 25.0%)")
 
