@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=32, help="frame side (px)")
     parser.add_argument("--width", type=float, default=1 / 16, help="channel multiplier of every network")
-    parser.add_argument("--train-clips", type=int, default=400)
+    parser.add_argument("--train-clips", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
