@@ -1,6 +1,6 @@
 """Recognise the direction of motion in generated clips with C3D and a two-stream network, against frame averaging.
 
-    python examples/video.py [--backend visionops|pytorch] [--steps 300] [--c3d-steps 800] [--seed 0]
+    python examples/video.py [--backend visionops|pytorch] [--steps 300] [--c3d-steps 1000] [--seed 0]
 
 Nothing is downloaded: visionops.models.data.motion_clips draws clips of a textured square gliding right, left,
 down or up (the four classes) over a static textured background, with their exact optical flow. Three networks
@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=("visionops", "pytorch"), default="visionops")
     parser.add_argument("--steps", type=int, default=300, help="training steps of the 2D networks")
-    parser.add_argument("--c3d-steps", type=int, default=800, help="training steps of C3D")
+    parser.add_argument("--c3d-steps", type=int, default=1000, help="training steps of C3D")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=32, help="frame side (px)")
@@ -85,7 +85,7 @@ def main() -> None:
             C3D(4, args.backend, width=args.width, generator=net_gen()),
             lambda m, i: F.cross_entropy(m(train_set.clips[i]), train_set.labels[i]),
             lambda m, s, i: m(s.clips[i]),
-            1e-3,
+            5e-4,
             args.c3d_steps,
         ),
         "two-stream": (
