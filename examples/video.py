@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    torch.manual_seed(args.seed)  # dropout draws from the global generator
     start = time.perf_counter()
     train_set = data.motion_clips(
         args.train_clips, args.frames, args.size, generator=torch.Generator().manual_seed(args.seed)
