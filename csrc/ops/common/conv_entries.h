@@ -18,7 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 
 #include "ops/common/conv.h"
 
@@ -59,7 +58,7 @@ struct ConvEntries {
     const at::Tensor* b = bias.has_value() && bias->defined() ? &*bias : nullptr;
     if (g.batch == 0 || g.out_channels == 0) return at::empty(shape, opts);
     if (g.in_channels == 0) {  // nothing to sum: the output is the bias
-      at::Tensor out = at::zeros(shape, opts);
+      at::Tensor out = at::empty(shape, opts).zero_();
       if (b != nullptr) {
         std::array<int64_t, 5> bshape{1, g.out_channels, 1, 1, 1};
         out.add_(b->view(at::IntArrayRef(bshape.data(), NDim + 2)));
@@ -83,7 +82,8 @@ struct ConvEntries {
     const bool empty = g.batch == 0 || g.out_channels == 0 || g.in_channels == 0;
     auto make = [&](bool wanted, at::IntArrayRef sizes, const at::TensorOptions& opts) {
       if (!wanted) return at::empty({0}, input.options());
-      return empty ? at::zeros(sizes, opts) : at::empty(sizes, opts);
+      at::Tensor t = at::empty(sizes, opts);  // at::zeros would drop the memory format
+      return empty ? t.zero_() : t;
     };
     at::Tensor gi = make(mask[0], input.sizes(), iopts);
     at::Tensor gw = make(mask[1], weight.sizes(), wopts);

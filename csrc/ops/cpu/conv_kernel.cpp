@@ -5,19 +5,23 @@
 // the input zero-padded once, [B, Dp, Hp, Wp, Cin], grad [B, Do, Ho, Wo, Cout], the weight permuted so each
 // direction's GEMM operand is a plain matrix. The copies cost a pass over each tensor, small against the GEMMs.
 //
-//   forward  out[P x Og]      = col[P x taps*Cg] @ W[taps*Cg x Og]       per tile of P output positions and group,
-//                                                                       col that tile's im2col (it stays in L2)
-//   grad_x   row[Wo x kW*Cg]  = g[Wo x Og] @ W[Og x kW*Cg]                per input row, (kd, kh) tap and group,
-//                                                                       then added into the input row it reaches
-//   grad_w   dW_t[Cg x Og]   += col_t[P x Cg]^T @ g[P x Og]              per (tap, group), over all positions in
-//                                                                       tiles of P, in order
+//   forward  out[P x Og]    = col[P x taps*Cg] @ W[taps*Cg x Og]    per tile of P output positions and group, col
+//                                                                   the tile's im2col (at most kColBytes: BLAS packs
+//                                                                   all of W once per call, so the tiles are large)
+//   grad_x   rows[n x kW*Cg] = g[n x Og] @ W[Og x kW*Cg]            per block of input rows of one residue mod the
+//                                                                   stride, (kd, kh) tap and group: the output rows
+//                                                                   they read are consecutive (n positions); then
+//                                                                   added into the input rows they reach
+//   grad_w   dW_t[Cg x Ob]  += col_t[P x Cg]^T @ g[P x Ob]          per (tap, group, block of output channels), over
+//                                                                   all positions in tiles of kWeightTile, in order
 //
-// Each task owns its outputs (grad_x a whole input row, grad_w a tap and group) and sums in a fixed order, so the
-// bits do not depend on the thread count. The GEMMs go through at::mm_out on views of the buffers, that is torch's
-// own BLAS (MKL, OpenBLAS, ...), called from inside at::parallel_for so that each runs single-threaded.
-// Small channel groups (depthwise, Cin / groups < kMinGemmChannels) make poor GEMMs: those run as direct loops over
-// channels instead (conv_direct_*), with the same partition.
+// Each task owns its outputs (grad_x whole input rows, grad_w a block of one tap) and sums in a fixed order, and
+// the partition of grad_w does not depend on the thread count, so neither do its bits. The GEMMs go through
+// at::mm_out / addmm_ on views of the buffers, that is torch's own BLAS, single-threaded inside each task
+// (SerialBlas). Thin channel groups (depthwise, Cin / groups < kMinGemmChannels) make poor GEMMs: those run as
+// direct loops over channels instead (direct_*), with the same partition.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -37,10 +41,16 @@
 namespace visionops {
 namespace {
 
-// Output positions per forward tile: its im2col (kTile x taps * Cg values) stays in L2 for common layers.
-constexpr int64_t kForwardTile = 64;
-// Positions per grad_w tile: its column (kTile x Cg) and grad (kTile x Og) blocks stay in L2.
-constexpr int64_t kWeightTile = 256;
+// The largest im2col tile of the forward, in bytes: BLAS packs the whole weight once per GEMM, so the tiles are as
+// large as this allows (and no more than one per thread's share of the positions).
+constexpr int64_t kColBytes = int64_t{4} << 20;
+// Positions per grad_x GEMM (a block of input rows).
+constexpr int64_t kRowPositions = 512;
+// Positions per grad_w GEMM: short enough that BLAS sums them in one block, whose order does not depend on the
+// threads (MKL sizes its blocks of longer sums by the threads sharing a cache); the tiles are then added in order.
+constexpr int64_t kWeightTile = 128;
+// Output channels per grad_w task.
+constexpr int64_t kWeightOutBlock = 128;
 // Below this many input channels per group the GEMMs are too thin to pay: direct loops instead.
 constexpr int64_t kMinGemmChannels = 8;
 
@@ -90,6 +100,41 @@ struct Result {
   }
 };
 
+// Each task's GEMMs run single-threaded: inside at::parallel_for MKL may still split one GEMM over threads (and so
+// its sums, making grad_w's bits depend on the thread count). MKL_Set_Num_Threads_Local is MKL's per-thread setting
+// (the C entry mkl_service.h's mkl_set_num_threads_local names; the lower-case symbol is the Fortran one, taking a
+// pointer), declared weak so that a torch built on another BLAS (single-threaded inside OpenMP regions) loads too.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+class SerialBlas {
+ public:
+  SerialBlas() : prev_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int prev_;
+};
+
+// A task's scratch matrix, 64-byte aligned: BLAS may pick its kernel by the operands' alignment, and the bits of
+// grad_w must not depend on where a thread's buffer happens to land.
+template <typename T>
+class Scratch {
+ public:
+  T* get(int64_t n) {
+    v_.resize(n + kAlign);
+    const auto p = reinterpret_cast<uintptr_t>(v_.data());
+    return v_.data() + ((kAlign * sizeof(T) - p % (kAlign * sizeof(T))) % (kAlign * sizeof(T))) / sizeof(T);
+  }
+
+ private:
+  static constexpr int64_t kAlign = 64 / sizeof(T);
+  std::vector<T> v_;
+};
+
 struct Dims {
   int64_t B, Cin, Cout, G, Cg, Og, taps;
   int64_t Dp, Hp, Wp, Do, Ho, Wo, kD, kH, kW, sd, sh, sw, dd, dh, dw;
@@ -137,6 +182,85 @@ void im2col(const Dims& d, const T* xp, int64_t gr, int64_t q0, int64_t q1, int6
   }
 }
 
+// The direct loops for thin groups (Cg < kMinGemmChannels), on the same buffers and with the same partition as the
+// GEMM paths. w is the forward's [taps * Cg, Cout] weight; the innermost loops run over contiguous output channels
+// (or, depthwise, over all channels at once) so that they vectorise.
+template <typename T>
+void direct_forward(const Dims& d, const T* xp, const T* w, const T* bias, T* o, int64_t q0, int64_t q1) {
+  const bool depthwise = d.Cg == 1 && d.Og == 1;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t ow = q % d.Wo, r = q / d.Wo, oh = r % d.Ho, od = (r / d.Ho) % d.Do, b = r / (d.Ho * d.Do);
+    T* out = o + q * d.Cout;
+    for (int64_t c = 0; c < d.Cout; ++c) out[c] = bias != nullptr ? bias[c] : T(0);
+    for (int64_t t = 0; t < d.taps; ++t) {
+      const int64_t kw = t % d.kW, kh = (t / d.kW) % d.kH, kd = t / (d.kW * d.kH);
+      const T* xs = xp + d.x_offset(b, od, oh, ow, kd, kh, kw);
+      const T* wt = w + t * d.Cg * d.Cout;
+      if (depthwise) {
+        for (int64_t c = 0; c < d.Cout; ++c) out[c] += wt[c] * xs[c];
+        continue;
+      }
+      for (int64_t gr = 0; gr < d.G; ++gr)
+        for (int64_t c = 0; c < d.Cg; ++c) {
+          const T xv = xs[gr * d.Cg + c];
+          const T* wr = wt + c * d.Cout + gr * d.Og;
+          T* og = out + gr * d.Og;
+          for (int64_t m = 0; m < d.Og; ++m) og[m] += wr[m] * xv;
+        }
+    }
+  }
+}
+
+// Adds the gradient reaching input row dst (width W, columns shifted by the padding pw) from output row g through
+// taps (kd, kh, all kw).
+template <typename T>
+void direct_grad_input_row(const Dims& d, const T* g, const T* w, int64_t kd, int64_t kh, int64_t W, int64_t pw,
+                           T* dst) {
+  const bool depthwise = d.Cg == 1 && d.Og == 1;
+  for (int64_t ow = 0; ow < d.Wo; ++ow) {
+    const T* gs = g + ow * d.Cout;
+    for (int64_t kw = 0; kw < d.kW; ++kw) {
+      const int64_t iw = ow * d.sw + kw * d.dw - pw;
+      if (iw < 0 || iw >= W) continue;
+      const T* wt = w + ((kd * d.kH + kh) * d.kW + kw) * d.Cg * d.Cout;
+      T* t = dst + iw * d.Cin;
+      if (depthwise) {
+        for (int64_t c = 0; c < d.Cin; ++c) t[c] += wt[c] * gs[c];
+        continue;
+      }
+      for (int64_t gr = 0; gr < d.G; ++gr)
+        for (int64_t c = 0; c < d.Cg; ++c) {
+          const T* wr = wt + c * d.Cout + gr * d.Og;
+          const T* gg = gs + gr * d.Og;
+          T acc = 0;
+          for (int64_t m = 0; m < d.Og; ++m) acc += wr[m] * gg[m];
+          t[gr * d.Cg + c] += acc;
+        }
+    }
+  }
+}
+
+// dw[tap, c, o] for o in [o0, o1), summed over all positions in order.
+template <typename T>
+void direct_grad_weight(const Dims& d, const T* xp, const T* g, int64_t tap, int64_t o0, int64_t o1, T* dw) {
+  const int64_t kw = tap % d.kW, kh = (tap / d.kW) % d.kH, kd = tap / (d.kW * d.kH);
+  T* dst = dw + tap * d.Cg * d.Cout;
+  for (int64_t c = 0; c < d.Cg; ++c) std::fill(dst + c * d.Cout + o0, dst + c * d.Cout + o1, T(0));
+  const bool depthwise = d.Cg == 1 && d.Og == 1;
+  const int64_t positions = d.B * d.Do * d.Ho * d.Wo;
+  for (int64_t q = 0; q < positions; ++q) {
+    const int64_t ow = q % d.Wo, r = q / d.Wo, oh = r % d.Ho, od = (r / d.Ho) % d.Do, b = r / (d.Ho * d.Do);
+    const T* xs = xp + d.x_offset(b, od, oh, ow, kd, kh, kw);
+    const T* gs = g + q * d.Cout;
+    if (depthwise) {
+      for (int64_t o = o0; o < o1; ++o) dst[o] += xs[o] * gs[o];
+      continue;
+    }
+    for (int64_t c = 0; c < d.Cg; ++c)
+      for (int64_t o = o0; o < o1; ++o) dst[c * d.Cout + o] += xs[(o / d.Og) * d.Cg + c] * gs[o];
+  }
+}
+
 template <typename T>
 void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight, const at::Tensor* bias,
                   at::Tensor& out) {
@@ -151,15 +275,29 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   const T* w = w_t.const_data_ptr<T>();
   T* o = res.data();
   const int64_t positions = d.B * d.Do * d.Ho * d.Wo, K = d.taps * d.Cg;
-  const int64_t ntiles = (positions + kForwardTile - 1) / kForwardTile;
+  const int64_t threads = at::get_num_threads();
+  const int64_t cap = std::max<int64_t>(64, kColBytes / static_cast<int64_t>(K * sizeof(T)));
+  int64_t ntiles = std::max((positions + cap - 1) / cap, std::min<int64_t>(threads, positions));
+  ntiles = (ntiles + threads - 1) / threads * threads;  // a whole number of rounds of the threads
+  const int64_t tile = (positions + ntiles - 1) / ntiles;
+  ntiles = (positions + tile - 1) / tile;
+  if (d.Cg < kMinGemmChannels) {
+    const T* bp = b_t.defined() ? b_t.const_data_ptr<T>() : nullptr;
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      direct_forward(d, xp, w, bp, o, t0 * tile, std::min(positions, t1 * tile));
+    });
+    res.finish();
+    return;
+  }
   at::parallel_for(0, ntiles * d.G, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> col;
+    Scratch<T> scratch;
+    const SerialBlas serial;
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t gr = task % d.G, q0 = (task / d.G) * kForwardTile, q1 = std::min(positions, q0 + kForwardTile);
-      col.resize((q1 - q0) * K);
-      im2col(d, xp, gr, q0, q1, 0, d.taps, col.data());
+      const int64_t gr = task % d.G, q0 = (task / d.G) * tile, q1 = std::min(positions, q0 + tile);
+      T* col = scratch.get((q1 - q0) * K);
+      im2col(d, xp, gr, q0, q1, 0, d.taps, col);
       at::Tensor dst = mat(o + q0 * d.Cout + gr * d.Og, q1 - q0, d.Og, d.Cout);
-      const at::Tensor a = mat(col.data(), q1 - q0, K, K), b = mat(w + gr * d.Og, K, d.Og, d.Cout);
+      const at::Tensor a = mat(col, q1 - q0, K, K), b = mat(w + gr * d.Og, K, d.Og, d.Cout);
       if (b_t.defined()) {
         at::addmm_out(dst, b_t.narrow(0, gr * d.Og, d.Og).expand({q1 - q0, d.Og}), a, b);
       } else {
@@ -184,35 +322,55 @@ void grad_input_impl(const ConvGeometry& g, const T* gp, const at::Tensor& weigh
   T* gx = res.data();
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2], pd = g.padding[0], ph = g.padding[1], pw = g.padding[2];
   const int64_t ncol = d.kW * d.Cg;
-  at::parallel_for(0, d.B * D * H, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> rowbuf(d.Wo * ncol);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t ih = r % H, id = (r / H) % D, b = r / (H * D);
-      T* dst = gx + r * W * d.Cin;
-      std::fill_n(dst, W * d.Cin, T(0));
+  // A task takes rows ih = rho + j * sh, j in [j0, j1), of one (b, id): for one kh they read consecutive output
+  // rows, so one GEMM covers them all.
+  const int64_t nj = (H + d.sh - 1) / d.sh;
+  const int64_t planes = d.B * D * d.sh;
+  const int64_t want = (4 * at::get_num_threads() + planes - 1) / planes;  // blocks per plane for balance
+  const int64_t R = std::max<int64_t>(1, std::min((kRowPositions + d.Wo - 1) / d.Wo, (nj + want - 1) / want));
+  const int64_t nblk = (nj + R - 1) / R;
+  at::parallel_for(0, planes * nblk, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<T> scratch;
+    const SerialBlas serial;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t rho = (task / nblk) % d.sh, id = (task / (nblk * d.sh)) % D, b = task / (nblk * d.sh * D);
+      const int64_t j0 = (task % nblk) * R, j1 = std::min(j0 + R, (H - rho + d.sh - 1) / d.sh);
+      if (j0 >= j1) continue;
+      T* plane = gx + (b * D + id) * H * W * d.Cin;
+      for (int64_t j = j0; j < j1; ++j) std::fill_n(plane + (rho + j * d.sh) * W * d.Cin, W * d.Cin, T(0));
       for (int64_t kd = 0; kd < d.kD; ++kd) {
         const int64_t zd = id + pd - kd * d.dd;
         if (zd < 0 || zd % d.sd != 0 || zd / d.sd >= d.Do) continue;
         for (int64_t kh = 0; kh < d.kH; ++kh) {
-          const int64_t zh = ih + ph - kh * d.dh;
-          if (zh < 0 || zh % d.sh != 0 || zh / d.sh >= d.Ho) continue;
-          const int64_t orow = (b * d.Do + zd / d.sd) * d.Ho + zh / d.sh;
+          const int64_t num = rho + ph - kh * d.dh;
+          if (((num % d.sh) + d.sh) % d.sh != 0) continue;
+          const int64_t base = num / d.sh;  // exact: output row of j = 0
+          const int64_t jlo = std::max(j0, -base), jhi = std::min(j1, d.Ho - base);
+          if (jlo >= jhi) continue;
+          const T* grow = gp + ((b * d.Do + zd / d.sd) * d.Ho + base + jlo) * d.Wo * d.Cout;
           if (direct) {
-            direct_grad_input_row(d, gp + orow * d.Wo * d.Cout, w, kd, kh, W, pw, dst);
+            for (int64_t j = jlo; j < jhi; ++j)
+              direct_grad_input_row(d, grow + (j - jlo) * d.Wo * d.Cout, w, kd, kh, W, pw,
+                                    plane + (rho + j * d.sh) * W * d.Cin);
             continue;
           }
+          const int64_t n = (jhi - jlo) * d.Wo;
+          T* buf = scratch.get(n * ncol);
           for (int64_t gr = 0; gr < d.G; ++gr) {
-            at::Tensor row = mat(rowbuf.data(), d.Wo, ncol, ncol);
-            at::mm_out(row, mat(gp + orow * d.Wo * d.Cout + gr * d.Og, d.Wo, d.Og, d.Cout),
+            at::Tensor rows = mat(buf, n, ncol, ncol);
+            at::mm_out(rows, mat(grow + gr * d.Og, n, d.Og, d.Cout),
                        mat(w + ((kd * d.kH + kh) * d.Cout + gr * d.Og) * ncol, d.Og, ncol, ncol));
-            for (int64_t ow = 0; ow < d.Wo; ++ow)
-              for (int64_t kw = 0; kw < d.kW; ++kw) {
-                const int64_t iw = ow * d.sw + kw * d.dw - pw;
-                if (iw < 0 || iw >= W) continue;
-                const T* s = rowbuf.data() + ow * ncol + kw * d.Cg;
-                T* t = dst + iw * d.Cin + gr * d.Cg;
-                for (int64_t c = 0; c < d.Cg; ++c) t[c] += s[c];
-              }
+            for (int64_t j = jlo; j < jhi; ++j) {
+              T* dst = plane + (rho + j * d.sh) * W * d.Cin + gr * d.Cg;
+              for (int64_t ow = 0; ow < d.Wo; ++ow)
+                for (int64_t kw = 0; kw < d.kW; ++kw) {
+                  const int64_t iw = ow * d.sw + kw * d.dw - pw;
+                  if (iw < 0 || iw >= W) continue;
+                  const T* src = buf + ((j - jlo) * d.Wo + ow) * ncol + kw * d.Cg;
+                  T* t = dst + iw * d.Cin;
+                  for (int64_t c = 0; c < d.Cg; ++c) t[c] += src[c];
+                }
+            }
           }
         }
       }
@@ -241,18 +399,22 @@ void grad_weight_impl(const ConvGeometry& g, const T* gp, const at::Tensor& inpu
       }
     });
   } else {
-    at::parallel_for(0, d.taps * d.G, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<T> col;
+    // Output channels split in fixed blocks (never by the thread count, which must not change the bits) so that
+    // a layer with few taps and groups still has tasks for every thread.
+    const int64_t ob = std::min(d.Og, kWeightOutBlock), nob = (d.Og + ob - 1) / ob;
+    at::parallel_for(0, d.taps * d.G * nob, 1, [&](int64_t t0, int64_t t1) {
+      Scratch<T> scratch;
+      const SerialBlas serial;
       for (int64_t task = t0; task < t1; ++task) {
-        const int64_t gr = task % d.G, tap = task / d.G;
-        at::Tensor dst = mat(dw + tap * d.Cg * d.Cout + gr * d.Og, d.Cg, d.Og, d.Cout);
+        const int64_t o0 = (task % nob) * ob, gr = (task / nob) % d.G, tap = task / (nob * d.G);
+        const int64_t on = std::min(ob, d.Og - o0);
+        at::Tensor dst = mat(dw + tap * d.Cg * d.Cout + gr * d.Og + o0, d.Cg, on, d.Cout);
         dst.zero_();
         for (int64_t q0 = 0; q0 < positions; q0 += kWeightTile) {
           const int64_t q1 = std::min(positions, q0 + kWeightTile);
-          col.resize((q1 - q0) * d.Cg);
-          im2col(d, xp, gr, q0, q1, tap, tap + 1, col.data());
-          dst.addmm_(mat(col.data(), q1 - q0, d.Cg, d.Cg).t(),
-                     mat(gp + q0 * d.Cout + gr * d.Og, q1 - q0, d.Og, d.Cout));
+          T* col = scratch.get((q1 - q0) * d.Cg);
+          im2col(d, xp, gr, q0, q1, tap, tap + 1, col);
+          dst.addmm_(mat(col, q1 - q0, d.Cg, d.Cg).t(), mat(gp + q0 * d.Cout + gr * d.Og + o0, q1 - q0, on, d.Cout));
         }
       }
     });
