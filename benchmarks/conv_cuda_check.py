@@ -154,9 +154,38 @@ def check(cfg, gen):
 
 
 def fixed_configs():
-    """Calls whose column buffers span several chunks (the batch split), and depthwise/1x1 extremes."""
+    """Calls whose column buffers span several chunks (the batch split; single images too large for one buffer,
+    split into runs of output positions or of channels), and depthwise/1x1 extremes."""
     base = dict(groups=1, bias=True, layout="contiguous", weight_cl=False, mask=[True, True, True])
     return [
+        dict(
+            base,
+            ndim=3,
+            dtype=torch.float32,
+            batch=2,
+            cin=32,
+            cout=8,
+            kernel=[3, 3, 3],
+            size=[64, 64, 64],
+            stride=[1, 1, 1],
+            padding=[1, 1, 1],
+            dilation=[1, 1, 1],
+            layout="channels_last",
+        ),
+        dict(
+            base,
+            ndim=2,
+            dtype=torch.bfloat16,
+            batch=1,
+            cin=64,
+            cout=16,
+            groups=2,
+            kernel=[3, 3],
+            size=[512, 512],
+            stride=[1, 1],
+            padding=[1, 1],
+            dilation=[1, 1],
+        ),
         dict(
             base,
             ndim=2,
@@ -245,19 +274,28 @@ def fixed_configs():
 
 
 def determinism(gen):
-    """The backward twice in deterministic mode (several chunks): the gradients must match bit for bit."""
-    cfg = fixed_configs()[0]
-    x, w, _ = make_inputs(cfg, gen)
-    args = (cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"])
-    g = torch.randn(8, 32, 128, 128, generator=gen).cuda()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [torch.ops.visionops._conv2d_backward(g, x, w, *args, [True, True, True]) for _ in range(2)]
-        torch.cuda.synchronize()
-    finally:
-        torch.use_deterministic_algorithms(False)
-    names = ("grad_input", "grad_weight", "grad_bias")
-    return [f"deterministic: {n} differs between two runs" for n, a, b in zip(names, *runs) if not torch.equal(a, b)]
+    """The backward twice in deterministic mode, on calls split into several chunks (whole images; runs of one
+    image's positions and channels): the gradients must match bit for bit."""
+    failures = []
+    for i in (2, 0):
+        cfg = fixed_configs()[i]
+        fwd, bwd, _ = ops(cfg["ndim"])
+        x, w, b = make_inputs(cfg, gen)
+        args = (cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"])
+        g = torch.randn(fwd(x, w, b, *args).shape, generator=gen).to("cuda", x.dtype)
+        torch.use_deterministic_algorithms(True)
+        try:
+            runs = [bwd(g, x, w, *args, [True, True, True]) for _ in range(2)]
+            torch.cuda.synchronize()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        names = ("grad_input", "grad_weight", "grad_bias")
+        failures += [
+            f"deterministic (fixed config {i}): {n} differs between two runs"
+            for n, r1, r2 in zip(names, *runs)
+            if not torch.equal(r1, r2)
+        ]
+    return failures
 
 
 def main():
