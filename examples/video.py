@@ -83,7 +83,8 @@ def main() -> None:
 
     runs = {
         "C3D": (
-            C3D(4, args.backend, width=args.width, generator=net_gen()),
+            # no dropout: at this width (256-wide fc6 / fc7) it stalls training for hundreds of steps
+            C3D(4, args.backend, width=args.width, dropout=0.0, generator=net_gen()),
             lambda m, i: F.cross_entropy(m(train_set.clips[i]), train_set.labels[i]),
             lambda m, s, i: m(s.clips[i]),
             5e-4,
