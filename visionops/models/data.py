@@ -153,3 +153,128 @@ def tracking_clip(
     boxes = torch.cat([centers - half, centers + half], 1)
     d_boxes = torch.cat([d_centers - half, d_centers + half], 1)
     return TrackingClip(video, boxes, centers, d_boxes)
+
+
+# ---- segmentation: shapes on textured backgrounds ------------------------------------------------------------------
+
+SHAPE_CLASSES: Tuple[str, ...] = ("background", "disc", "square", "triangle")
+
+
+def _shape_mask(kind: int, cx: float, cy: float, r: float, angle: float, size: int) -> Tensor:
+    """Bool [size, size]: the pixels whose centres fall inside shape ``kind`` (1 disc, 2 square, 3 triangle) of
+    circumradius ``r`` centred at (cx, cy), the square and the triangle turned by ``angle``."""
+    y, x = torch.meshgrid(torch.arange(size) + 0.5 - cy, torch.arange(size) + 0.5 - cx, indexing="ij")
+    if kind == 1:
+        return x * x + y * y <= r * r
+    c, s = math.cos(angle), math.sin(angle)
+    u, v = c * x + s * y, -s * x + c * y
+    if kind == 2:
+        half = r / math.sqrt(2.0)
+        return (u.abs() <= half) & (v.abs() <= half)
+    # equilateral triangle: inside the three edges, each at distance r / 2 from the centre
+    inside = torch.ones(size, size, dtype=torch.bool)
+    for k in range(3):
+        a = angle + math.pi / 2 + 2 * math.pi * k / 3
+        inside &= x * math.cos(a) + y * math.sin(a) <= r / 2
+    return inside
+
+
+def shapes_segmentation(
+    num_images: int,
+    size: int = 64,
+    *,
+    max_objects: int = 3,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor]:
+    """A toy semantic-segmentation set: images float32 [N, 3, size, size] in 0..1 and per-pixel labels int64
+    [N, size, size] indexing :data:`SHAPE_CLASSES` (0 background, 1 disc, 2 square, 3 triangle).
+
+    Each image is a mid-grey blocky colour texture (random cell size) with fine noise, under 1 to ``max_objects``
+    shapes of random kind, size (circumradius 14-24 % of the image side), rotation and saturated colour with a fine
+    texture of their own, at least 2 px apart (a shape that would touch an earlier one is dropped)."""
+    if num_images < 0 or max_objects < 1 or size < 16:
+        raise ValueError(
+            f"need num_images >= 0, max_objects >= 1 and size >= 16, got {num_images}, {max_objects}, {size}"
+        )
+    g = generator
+    images = torch.empty(num_images, 3, size, size)
+    labels = torch.zeros(num_images, size, size, dtype=torch.int64)
+    for i in range(num_images):
+        cells = int(torch.randint(4, 13, (1,), generator=g))
+        img = 0.35 + 0.3 * _texture(size, cells, g)
+        for _ in range(int(torch.randint(1, max_objects + 1, (1,), generator=g))):
+            kind = int(torch.randint(1, 4, (1,), generator=g))
+            r = size * (0.14 + 0.10 * float(torch.rand((), generator=g)))
+            cx, cy = (r + (size - 2 * r) * torch.rand(2, generator=g)).tolist()
+            angle = 2 * math.pi * float(torch.rand((), generator=g))
+            mask = _shape_mask(kind, cx, cy, r, angle, size)
+            if (labels[i][F.max_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0] > 0] > 0).any():
+                continue  # keep a 2 px gap between shapes: an occluded shape could be any of them
+            # each channel dark or bright, never the background's mid grey
+            colour = torch.where(torch.rand(3, generator=g) < 0.5, 0.0, 0.8) + 0.2 * torch.rand(3, generator=g)
+            fill = colour[:, None, None] + 0.1 * (torch.rand(1, size, size, generator=g) - 0.5)
+            img = torch.where(mask, fill, img)
+            labels[i][mask] = kind
+        images[i] = (img + 0.03 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+    return images, labels
+
+
+# ---- video: a textured square moving in one of four directions -----------------------------------------------------
+
+DIRECTIONS: Tuple[str, ...] = ("right", "left", "down", "up")
+_STEPS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # (dx, dy) per direction, image axes (y down)
+
+
+class MotionClips(NamedTuple):
+    """A generated action-recognition set: ``clips`` float32 [N, 3, T, H, W] in 0..1 (C3D's layout), ``labels``
+    int64 [N] indexing :data:`DIRECTIONS`, and the exact forward optical ``flow`` float32 [N, T - 1, 2, H, W]:
+    flow[n, t, :, y, x] = (u, v) moves pixel (x, y) of frame t to (x + u, y + v) in frame t + 1."""
+
+    clips: Tensor
+    labels: Tensor
+    flow: Tensor
+
+
+def motion_clips(
+    num_clips: int,
+    frames: int = 16,
+    size: int = 32,
+    *,
+    object_size: int = 10,
+    speeds: Tuple[int, ...] = (1, 2),
+    generator: Optional[torch.Generator] = None,
+) -> MotionClips:
+    """Clips of a textured ``object_size`` square gliding over a static textured background at a constant integer
+    speed (drawn from ``speeds``, px per frame) in one of the four :data:`DIRECTIONS` (the label, balanced: clip n
+    moves in direction n % 4).
+
+    The frame wraps around (a torus): every frame shows the square at a uniformly random place whatever the
+    direction, so a single frame, or any set of frames taken without their order, says nothing about the class; only
+    the order of the frames (motion) does. Integer positions make the flow exact: (dx, dy) * speed on the square's
+    pixels, 0 on the background."""
+    if num_clips < 0 or frames < 2 or not 2 <= object_size <= size // 2 or not speeds or min(speeds) < 1:
+        raise ValueError(
+            f"need num_clips >= 0, frames >= 2, 2 <= object_size <= size / 2 and speeds >= 1, got {num_clips}, "
+            f"{frames}, {object_size}, {size}, {speeds}"
+        )
+    g = generator
+    clips = torch.empty(num_clips, 3, frames, size, size)
+    flow = torch.zeros(num_clips, frames - 1, 2, size, size)
+    labels = torch.arange(num_clips) % 4
+    offsets = torch.arange(object_size)
+    for n in range(num_clips):
+        bg = 0.25 + 0.5 * _texture(size, int(torch.randint(3, 9, (1,), generator=g)), g)
+        sprite = _texture(object_size, 3, g)
+        speed = speeds[int(torch.randint(len(speeds), (1,), generator=g))]
+        dx, dy = (speed * d for d in _STEPS[int(labels[n])])
+        x0, y0 = torch.randint(size, (2,), generator=g).tolist()
+        for t in range(frames):
+            rows = (y0 + dy * t + offsets) % size
+            cols = (x0 + dx * t + offsets) % size
+            frame = bg.clone()
+            frame[:, rows[:, None], cols[None, :]] = sprite
+            clips[n, :, t] = frame
+            if t + 1 < frames:
+                flow[n, t, 0, rows[:, None], cols[None, :]] = float(dx)
+                flow[n, t, 1, rows[:, None], cols[None, :]] = float(dy)
+    return MotionClips(clips, labels, flow)

@@ -1,5 +1,9 @@
 """End to end: torchvision's Faster R-CNN (ResNet-50 FPN, random weights) with and without patch_torchvision(), and
-a SiamFC training step (visionops.models.siamfc) on visionops' xcorr against the same net on the grouped convolution.
+a SiamFC training step (visionops.models.siamfc) on visionops' xcorr against the same net on the grouped convolution;
+DeepLab v3 (visionops.models.segmentation) and C3D (visionops.models.video) on visionops' conv2d / conv3d against the
+same nets on F.conv2d / F.conv3d, forward alone (eval mode) and forward + backward (training mode); RetinaNet
+(visionops.models.detection) in eval mode with its fixed-shape post-processing (multiclass_nms) against the same net
+on torchvision's ops and the per-image NMS loop.
 
 Most of the time is the backbone, which visionops does not touch; the ratio shows what the routed ops save end to end.
 """
@@ -103,6 +107,82 @@ def _retinanet_eval(batch, size):
     return make
 
 
+def _conv_net(build, inputs, loss_fn, train: bool, rtol: float, atol: float):
+    """A model's visionops and pytorch backends with the same weights: forward (eval, no grad) or a training
+    step's forward and backward returning the loss and the first layer's weight gradient."""
+
+    def make(device):
+        nets = {b: build(b).to(device).train(train) for b in ("visionops", "pytorch")}
+        x = inputs().to(device)
+
+        def step(net):
+            if not train:
+
+                @torch.no_grad()
+                def forward():
+                    return net(x)
+
+                return forward
+
+            first = next(net.parameters())
+
+            def run():
+                net.zero_grad(set_to_none=True)
+                loss = loss_fn(net(x))
+                loss.backward()
+                return torch.cat([loss.detach().reshape(1), first.grad.flatten()])
+
+            return run
+
+        def check(ours, base):
+            if not train:
+                torch.testing.assert_close(ours, base, rtol=rtol, atol=atol)
+                return
+            torch.testing.assert_close(ours[0], base[0], rtol=rtol, atol=atol)  # the loss
+            # the gradient as a whole: float32 rounding can flip a max-pooling argmax, moving a few elements
+            err = (ours[1:] - base[1:]).norm() / base[1:].norm()
+            assert err < 1e-2, f"first layer's weight gradient: relative error {err:.2e}"
+
+        return step(nets["visionops"]), step(nets["pytorch"]), check
+
+    return make
+
+
+def _deeplab(batch, size, train):
+    from visionops.models.segmentation import DeepLabV3
+
+    def build(backend):
+        return DeepLabV3(4, backend, width=32, output_stride=8, generator=torch.Generator().manual_seed(0))
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(4, (batch, size, size), generator=g)
+    return _conv_net(
+        build,
+        lambda: torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(2)),
+        lambda logits: torch.nn.functional.cross_entropy(logits, labels.to(logits.device)),
+        train,
+        rtol=1e-3,
+        atol=1e-4,
+    )
+
+
+def _c3d(batch, frames, size, train):
+    from visionops.models.video import C3D
+
+    def build(backend):  # dropout off: the two backends would draw different masks
+        return C3D(4, backend, width=0.25, dropout=0.0, generator=torch.Generator().manual_seed(0))
+
+    labels = torch.arange(batch) % 4
+    return _conv_net(
+        build,
+        lambda: torch.rand(batch, 3, frames, size, size, generator=torch.Generator().manual_seed(2)),
+        lambda scores: torch.nn.functional.cross_entropy(scores, labels.to(scores.device)),
+        train,
+        rtol=1e-3,
+        atol=1e-5,
+    )
+
+
 CASES = [
     Case("fasterrcnn_e2e", "resnet50_fpn eval, 2 images 480x640", _fasterrcnn(480, 2), baseline="torchvision"),
     Case("siamfc_train_step", "B8 127/255 crops, fwd+bwd", _siamfc_step(8), baseline="PyTorch grouped conv"),
@@ -112,4 +192,8 @@ CASES = [
         _retinanet_eval(4, 320),
         baseline="torchvision ops, per-image NMS loop",
     ),
+    Case("deeplab_forward", "DeepLab v3 width 32 OS8, B4 128x128, eval", _deeplab(4, 128, False), baseline="F.conv2d"),
+    Case("deeplab_train_step", "DeepLab v3 w32 OS8, B4 128x128, fwd+bwd", _deeplab(4, 128, True), baseline="F.conv2d"),
+    Case("c3d_forward", "C3D width 1/4, B4 16x56x56 clips, eval", _c3d(4, 16, 56, False), baseline="F.conv3d"),
+    Case("c3d_train_step", "C3D width 1/4, B4 16x56x56 clips, fwd+bwd", _c3d(4, 16, 56, True), baseline="F.conv3d"),
 ]
