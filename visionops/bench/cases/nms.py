@@ -218,6 +218,8 @@ def matrix_nms_case(n, labels, masks=None, backend="auto"):
             _same_matrix,
         )
 
+    return make
+
 
 # ---- multiclass_nms: a detector head's post-processing (YOLO-style 8400 boxes x 80 classes) --------------------
 
