@@ -135,8 +135,9 @@ class AnchorGenerator(nn.Module):
     images are written by one kernel launch: torchvision's strides come from the padded batch size, so every image
     has the same anchors, which are computed once and stored to each image's own (non-aliased) memory.
 
-    Nothing is cached across calls: the kernel is bound by writing its output, so a cache would save no more than
-    the copy it would need to give each image its own tensor.
+    The anchors are not cached across calls: the kernel is bound by writing its output, so a cache would save no more
+    than the copy it would need to give each image its own tensor (only the small cell templates are kept on the
+    device).
     """
 
     def __init__(self, sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),), *, backend: str = "auto"):
