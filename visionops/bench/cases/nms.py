@@ -1,7 +1,7 @@
-"""NMS family cases: the issue's targets (CPU: nms 20k >= 20x, 1k >= 3x; batched_nms 20k/80 classes >= 3x; GPU: nms
-20k >= 2x) on boxes with xy ~ U(0, 800), wh ~ U(1, 101), iou 0.5, scores from randperm (no ties). soft_nms (CPU >= 10x,
-GPU >= 20x): gaussian, sigma 0.5, score_threshold 0.001, on clustered boxes (a detector's output before NMS), against
-the loop a PyTorch user writes today."""
+"""NMS family cases: nms, batched_nms and box_iou against torchvision on boxes with xy ~ U(0, 800), wh ~ U(1, 101),
+iou 0.5, scores from randperm (no ties); soft_nms (gaussian, sigma 0.5, score_threshold 0.001, on clustered boxes: a
+detector's output before NMS) against the loop a PyTorch user writes today; matrix_nms against the N x N PyTorch
+formulation; multiclass_nms against the per-image torchvision loop."""
 
 import torch
 

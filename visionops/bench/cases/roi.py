@@ -1,6 +1,6 @@
-"""RoI family cases: the issue's (features 2x256x50x68, 1024 RoIs with x1, y1 ~ U(0, 640), w, h ~ U(4, 204), 7x7,
-sampling_ratio 2, aligned, spatial_scale 1/16). CPU targets: roi_align fwd >= 4x, bwd >= 10x; roi_pool fwd >= 4x,
-fwd+bwd >= 4x. GPU (tags): fwd >= 1.5x, bwd >= 2x; deterministic bwd within 1.5x of our atomic bwd."""
+"""RoI family cases: features 2x256x50x68, 1024 RoIs with x1, y1 ~ U(0, 640), w, h ~ U(4, 204), 7x7,
+sampling_ratio 2, aligned, spatial_scale 1/16, against torchvision; the deterministic backward against our own
+atomic backward (what determinism costs)."""
 
 import torch
 
@@ -49,7 +49,7 @@ def align_case(backward=False, backend="auto", deterministic=False, **shape):
 
             return run
 
-        if deterministic:  # baseline: our own atomic backward (the issue's "within 1.5x" target)
+        if deterministic:  # baseline: our own atomic backward (what determinism costs)
             return grad(out_o, det=True), grad(out_o), _close_all
         return grad(out_o), grad(out_b), _close_all
 

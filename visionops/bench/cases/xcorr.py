@@ -1,6 +1,6 @@
 """SiamFC cross-correlation cases (baseline: the grouped convolution pysot and siamfc-pytorch run, in the same run).
-CPU targets: xcorr fwd >= 3x and fwd+bwd >= 3x (SiamFC training, B 8), depthwise fwd+bwd >= 2x (SiamRPN++, B 28).
-GPU: xcorr fwd+bwd >= 2x vs cuDNN's grouped conv, depthwise fwd+bwd >= 3x vs PyTorch's depthwise path."""
+Shapes: SiamFC training (xcorr, B 8) and tracking (one exemplar over a 3-scale pyramid), SiamRPN++ heads
+(depthwise, B 28)."""
 
 import torch
 import torch.nn.functional as F
