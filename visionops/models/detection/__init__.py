@@ -1,0 +1,13 @@
+"""Detection networks on visionops' ops, each with a ``backend="pytorch"`` twin on torchvision's ops.
+
+One module per network, sharing ``common.py`` (the tiny backbone, the FPN, the anchor matcher):
+
+* ``retinanet``  RetinaNet (Lin et al. 2017)
+
+Conventions: visionops/models/README.md.
+"""
+
+from visionops.models.detection.common import FPN, Backbone, match_anchors
+from visionops.models.detection.retinanet import RetinaNet, retinanet_anchor_sizes
+
+__all__ = ["FPN", "Backbone", "RetinaNet", "match_anchors", "retinanet_anchor_sizes"]
