@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import visionops
+from visionops.bench import bounds
 from visionops.bench.case import Case
 
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -113,7 +114,9 @@ def _case(
         return step(ours), step(base), _close(tol)
 
     op_name = "conv2d" if n == 2 else "conv3d"
-    tags = {"gflop": gflop, "pytorch_backend": chosen}
+    out_spatial = _out_size(shape[2:], kernel, padding, dilation)
+    work = bounds.conv_work(shape, cout, kernel, out_spatial, itemsize=dtype.itemsize, backward=backward)
+    tags = {"gflop": gflop, "pytorch_backend": chosen, "work": lambda: work}
     return Case(op_name, name, make, f"F.{op_name}", quick=quick, devices=(device,), tags=tags)
 
 

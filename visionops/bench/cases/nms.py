@@ -25,6 +25,25 @@ def _close(a, b):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _batched_work(n, classes):
+    def fn():
+        from visionops.bench import bounds
+
+        per_class = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(1)).bincount().double()
+        return bounds.nms_work(n, pairs=float((per_class * (per_class - 1) / 2).sum()))
+
+    return fn
+
+
+def _work(name, *args):
+    def fn():
+        from visionops.bench import bounds
+
+        return getattr(bounds, name)(*args)
+
+    return fn
+
+
 def nms_case(n, backend="auto"):
     def make(device):
         import torchvision
@@ -117,12 +136,27 @@ def box_iou_case(n, m, backward=False, backend="auto"):
 
 
 CASES = [
-    Case("nms", "1k boxes", nms_case(1_000), quick=True, target=3.0),
-    Case("nms", "20k boxes", nms_case(20_000), target=20.0, gpu_target=2.0),
-    Case("nms", "100k boxes", nms_case(100_000), devices=("cuda",)),
-    Case("batched_nms", "20k boxes / 80 classes", batched_case(20_000, 80), quick=True, target=3.0),
-    Case("batched_nms", "100k boxes / 80 classes", batched_case(100_000, 80), devices=("cuda",)),
-    Case("box_iou", "1k x 1k", box_iou_case(1_000, 1_000), quick=True),
+    Case("nms", "1k boxes", nms_case(1_000), quick=True, target=3.0, tags={"work": _work("nms_work", 1_000)}),
+    Case("nms", "20k boxes", nms_case(20_000), target=20.0, gpu_target=2.0, tags={"work": _work("nms_work", 20_000)}),
+    Case("nms", "100k boxes", nms_case(100_000), devices=("cuda",), tags={"work": _work("nms_work", 100_000)}),
+    Case(
+        "batched_nms",
+        "20k boxes / 80 classes",
+        batched_case(20_000, 80),
+        quick=True,
+        target=3.0,
+        tags={"work": _batched_work(20_000, 80)},
+    ),
+    Case(
+        "batched_nms",
+        "100k boxes / 80 classes",
+        batched_case(100_000, 80),
+        devices=("cuda",),
+        tags={"work": _batched_work(100_000, 80)},
+    ),
+    Case(
+        "box_iou", "1k x 1k", box_iou_case(1_000, 1_000), quick=True, tags={"work": _work("box_iou_work", 1_000, 1_000)}
+    ),
     Case("box_iou", "fwd+bwd 500 x 500", box_iou_case(500, 500, backward=True)),
     Case(
         "soft_nms",
@@ -142,9 +176,27 @@ CASES = [
         gpu_target=20.0,
     ),
     # Triton backend on the GPU (on the CPU it only runs interpreted, which is for testing, not timing).
-    Case("nms", "20k boxes [triton]", nms_case(20_000, "triton"), devices=("cuda",)),
-    Case("nms", "100k boxes [triton]", nms_case(100_000, "triton"), devices=("cuda",)),
-    Case("batched_nms", "20k / 80 classes [triton]", batched_case(20_000, 80, "triton"), devices=("cuda",)),
+    Case(
+        "nms",
+        "20k boxes [triton]",
+        nms_case(20_000, "triton"),
+        devices=("cuda",),
+        tags={"work": _work("nms_work", 20_000)},
+    ),
+    Case(
+        "nms",
+        "100k boxes [triton]",
+        nms_case(100_000, "triton"),
+        devices=("cuda",),
+        tags={"work": _work("nms_work", 100_000)},
+    ),
+    Case(
+        "batched_nms",
+        "20k / 80 classes [triton]",
+        batched_case(20_000, 80, "triton"),
+        devices=("cuda",),
+        tags={"work": _batched_work(20_000, 80)},
+    ),
     Case(
         "soft_nms",
         "gaussian 20k clustered [triton]",
@@ -152,7 +204,13 @@ CASES = [
         baseline="PyTorch loop",
         devices=("cuda",),
     ),
-    Case("box_iou", "1k x 1k [triton]", box_iou_case(1_000, 1_000, backend="triton"), devices=("cuda",)),
+    Case(
+        "box_iou",
+        "1k x 1k [triton]",
+        box_iou_case(1_000, 1_000, backend="triton"),
+        devices=("cuda",),
+        tags={"work": _work("box_iou_work", 1_000, 1_000)},
+    ),
 ]
 
 

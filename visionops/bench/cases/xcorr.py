@@ -58,27 +58,44 @@ def _case(depthwise, b, c, hz, hx, bz=None, backward=False, backend="auto"):
     return make
 
 
+def _work(depthwise, b, c, hz, hx, bz=None, backward=False):
+    def fn():
+        from visionops.bench import bounds
+
+        return bounds.xcorr_work(b, c, hz, hx, bz=bz, depthwise=depthwise, backward=backward)
+
+    return fn
+
+
 _BASE = "PyTorch grouped conv"
+
+
+def _row(op, name, args, kwargs=None, **case_kwargs):
+    kwargs = kwargs or {}
+    work = _work(*args, **kwargs)
+    return Case(op, name, _case(*args, **kwargs), _BASE, tags={"work": work}, **case_kwargs)
+
+
 CASES = [
-    Case("xcorr", "fwd B8 256x6x6 over 256x22x22", _case(False, 8, 256, 6, 22), _BASE, quick=True, target=3.0),
-    Case(
+    _row("xcorr", "fwd B8 256x6x6 over 256x22x22", (False, 8, 256, 6, 22), quick=True, target=3.0),
+    _row(
         "xcorr",
         "fwd+bwd B8 256x6x6 over 256x22x22",
-        _case(False, 8, 256, 6, 22, backward=True),
-        _BASE,
+        (False, 8, 256, 6, 22),
+        {"backward": True},
         target=3.0,
         gpu_target=2.0,
     ),
-    Case("xcorr", "fwd+bwd B64 256x6x6 over 256x22x22", _case(False, 64, 256, 6, 22, backward=True), _BASE),
-    Case("xcorr", "fwd 1 exemplar x 3 scales, 256x22x22", _case(False, 3, 256, 6, 22, bz=1), _BASE),
-    Case("depthwise_xcorr", "fwd B28 256x5x5 over 256x29x29", _case(True, 28, 256, 5, 29), _BASE, quick=True),
-    Case(
+    _row("xcorr", "fwd+bwd B64 256x6x6 over 256x22x22", (False, 64, 256, 6, 22), {"backward": True}),
+    _row("xcorr", "fwd 1 exemplar x 3 scales, 256x22x22", (False, 3, 256, 6, 22), {"bz": 1}),
+    _row("depthwise_xcorr", "fwd B28 256x5x5 over 256x29x29", (True, 28, 256, 5, 29), quick=True),
+    _row(
         "depthwise_xcorr",
         "fwd+bwd B28 256x5x5 over 256x29x29",
-        _case(True, 28, 256, 5, 29, backward=True),
-        _BASE,
+        (True, 28, 256, 5, 29),
+        {"backward": True},
         target=2.0,
         gpu_target=3.0,
     ),
-    Case("depthwise_xcorr", "fwd+bwd B32 256x7x7 over 256x31x31", _case(True, 32, 256, 7, 31, backward=True), _BASE),
+    _row("depthwise_xcorr", "fwd+bwd B32 256x7x7 over 256x31x31", (True, 32, 256, 7, 31), {"backward": True}),
 ]
