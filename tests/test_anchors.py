@@ -349,6 +349,19 @@ def test_torch_compile_anchor_generator():
     assert all(torch.equal(x, y) for x, y in zip(out, gen(il, fms)))
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_after_an_eager_call_and_a_new_batch(dynamic):
+    """The cell cache filled by an eager call must not break a later fullgraph trace, nor a new batch size."""
+    gen = visionops.AnchorGenerator(((32,), (64,)), ((0.5, 1.0),) * 2)
+    fn = torch.compile(lambda i, f: gen(i, f), fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for sizes in ([(64, 96), (60, 90)], [(64, 96), (64, 96), (50, 70)]):
+        il = _image_list(sizes)
+        fms = _feature_maps(il, [8, 16])
+        eager = gen(il, fms)
+        out = fn(il, fms)
+        assert len(out) == len(sizes) and all(torch.equal(x, y) for x, y in zip(out, eager))
+
+
 @needs_cuda
 def test_cuda_matches_cpu_large():
     sizes = tuple((s, s * 2) for s in (32, 64, 128, 256, 512))

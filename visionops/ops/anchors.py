@@ -174,6 +174,8 @@ class AnchorGenerator(nn.Module):
         # self.cell_anchors stays the source of truth, as in torchvision (users may assign their own); the
         # concatenated copy on the feature maps' device is rebuilt only when those tensors change.
         key = (_opmath(dtype), device)
+        if torch.compiler.is_compiling():  # a traced graph captures the copy once; the stamp would be data-dependent
+            return torch.cat([c.to(dtype=key[0]) for c in self.cell_anchors]).to(device)
         stamp = tuple((id(c), c._version, c.dtype, c.device) for c in self.cell_anchors)
         hit = self._cells_cache.get(key)
         if hit is None or hit[0] != stamp:
