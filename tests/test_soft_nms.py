@@ -214,3 +214,18 @@ def test_autocast_runs_in_float32(backend, device):
     assert new.dtype == torch.float32
     expect = reference.soft_nms(boxes.float(), scores.float(), 0.3, 0.5, 0.001, "gaussian")
     assert torch.equal(keep.cpu(), expect[0])
+
+
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in ALL if b != "reference"])
+@pytest.mark.parametrize("sigma", [1e-4, 1e-300, 40.0])
+def test_gaussian_weights_at_the_edges_of_exp(backend, device, sigma):
+    """A tiny sigma sends exp(-iou^2 / sigma) below the normal range (subnormal, then 0); NaN boxes give NaN IoUs:
+    every weight still equals the reference's, kept boxes and their scores too."""
+    g = torch.Generator().manual_seed(14)
+    boxes = clustered_boxes(300, objects=2, generator=g).double()
+    boxes[::37] = float("nan")
+    scores = unique_scores(300, generator=g).double()
+    keep, new = visionops.soft_nms(boxes.to(device), scores.to(device), 0.3, sigma, 0.0, "gaussian", backend=backend)
+    expect = reference.soft_nms(boxes, scores, 0.3, sigma, 0.0, "gaussian")
+    assert torch.equal(keep.cpu(), expect[0])
+    torch.testing.assert_close(new.cpu(), expect[1], rtol=1e-12, atol=0)
