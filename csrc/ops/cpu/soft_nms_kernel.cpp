@@ -127,7 +127,8 @@ struct Boxes {
 typedef double vd8 __attribute__((vector_size(64)));
 typedef int64_t vi8 __attribute__((vector_size(64)));
 
-inline void exp_lanes(const double* in, double* out) {
+#define SOFT_NMS_NO_FMA __attribute__((optimize("fp-contract=off")))  // same bits with and without FMA units
+inline __attribute__((always_inline)) SOFT_NMS_NO_FMA void exp_lanes(const double* in, double* out) {
   vd8 x;
   __builtin_memcpy(&x, in, sizeof(x));
   const double shifter = 0x1.8p52;  // adding it rounds to an integer kept in the low mantissa bits
@@ -147,6 +148,30 @@ inline void exp_lanes(const double* in, double* out) {
   __builtin_memcpy(out, &p, sizeof(p));
 }
 
+// exp_lanes over a tile ([len rounded up to 8] lanes), compiled for the baseline ISA, AVX2 and AVX-512, picked at
+// run time; multiply-adds are not contracted into FMAs, so every ISA gives the same bits.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define SOFT_NMS_EXP_TILE(suffix, target)                                                  \
+  target SOFT_NMS_NO_FMA void exp_tile_##suffix(const double* x, int64_t len, double* w) { \
+    for (int64_t j = 0; j < len; j += 8) exp_lanes(x + j, w + j);                          \
+  }
+SOFT_NMS_EXP_TILE(base, )
+SOFT_NMS_EXP_TILE(avx2, __attribute__((target("avx2,fma"))))
+SOFT_NMS_EXP_TILE(avx512, __attribute__((target("avx512f,avx512dq,avx2,fma"))))
+#undef SOFT_NMS_EXP_TILE
+
+void exp_tile(const double* x, int64_t len, double* w) {
+  static const auto fn = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? exp_tile_avx512
+                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")       ? exp_tile_avx2
+                                                                                                 : exp_tile_base;
+  fn(x, len, w);
+}
+#else
+SOFT_NMS_NO_FMA void exp_tile(const double* x, int64_t len, double* w) {
+  for (int64_t j = 0; j < len; j += 8) exp_lanes(x + j, w + j);
+}
+#endif
+
 // Gaussian weights exp(-iou^2 / sigma) of a tile, 8 lanes at a time; lanes outside exp_lanes' range (tiny sigma,
 // NaN IoUs of malformed boxes) go through std::exp as the scalar path would.
 template <typename T>
@@ -157,7 +182,7 @@ void gaussian_weights(const T* iou, int64_t len, double sigma, double* w) {
     x[j] = -(v * v) / sigma;
   }
   for (int64_t j = len; j < (len + 7) / 8 * 8; ++j) x[j] = 0.0;
-  for (int64_t j = 0; j < len; j += 8) exp_lanes(x + j, w + j);
+  exp_tile(x, len, w);
   for (int64_t j = 0; j < len; ++j)
     if (!(x[j] >= -708.0)) w[j] = std::exp(x[j]);
 }
