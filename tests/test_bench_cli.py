@@ -39,7 +39,7 @@ def _readme_examples():
     found = []
     for m in re.finditer(rf"{COMMAND}([^`\n)]*)", text):  # up to the end of the code span, line or parenthesis
         line = m.group(1).split("&&")[0].split("#")[0]
-        if "[" not in line:  # the synopsis, not an example
+        if "[" not in line and "--help" not in line:  # not the synopsis or a pointer to the help
             found.append(line.strip())
     return found
 
