@@ -12,6 +12,8 @@ from typing import Dict, List
 
 import torch
 
+from visionops.bench.case import Case
+
 
 def _import_torch_benchmark():
     # torch.utils.benchmark imports torch.utils.cpp_extension, which on a machine without a CUDA runtime logs a
@@ -28,8 +30,6 @@ def _import_torch_benchmark():
 
 
 tbench = _import_torch_benchmark()
-
-from visionops.bench.case import Case  # noqa: E402  (after the quiet import above, which it would otherwise trigger)
 
 
 def device_name(device: str) -> str:
