@@ -53,3 +53,22 @@ def test_every_gpu_roi_and_nms_case_declares_its_work():
     work = next(c for c in gpu if c.name.startswith("fwd 2x256")).tags["work"]()
     footprint = work.hbm_bytes - 1024 * 256 * 49 * 4 - 1024 * 20  # the touched part of the 2x256x50x68 map
     assert 0.5 * 2 * 256 * 50 * 68 * 4 < footprint <= 2 * 256 * 50 * 68 * 4
+
+
+def test_runner_reports_the_bound_beside_the_time():
+    from visionops.bench import runner
+    from visionops.bench.case import Case
+
+    machine = bounds.Machine(4e12, 1e13, 5e13, 8e14, 8e-6)
+    noop = lambda device: ((lambda: 1), (lambda: 1), (lambda a, b: None))  # noqa: E731
+    cases = [
+        Case("box_iou", "declares work", noop, tags={"work": lambda: bounds.box_iou_work(1000, 1000)}),
+        Case("box_iou", "does not", noop),
+    ]
+    rows = runner.combine([runner.run(cases, "cpu", 1, 0.01, machine=machine)] * 2)
+    assert rows[0]["bound_ms"] == pytest.approx(bounds.bound_seconds(bounds.box_iou_work(1000, 1000), machine) * 1e3)
+    assert rows[0]["of_bound"] == pytest.approx(rows[0]["bound_ms"] / rows[0]["visionops_ms"])
+    assert "bound_ms" not in rows[1]
+    table = runner.format_table(rows)
+    assert "bound/time" in table.splitlines()[0]
+    assert "bound_ms" not in runner.run(cases[:1], "cpu", 1, 0.01)[0]  # no machine rates (the CPU): no bound

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from visionops.bench import runner
+from visionops.bench import bounds, runner
 from visionops.bench.cases import all_cases
 
 # Each line is checked by tests/test_bench_cli.py: its options must parse and select at least one case.
@@ -87,11 +87,14 @@ def main(argv=None) -> int:
         progress = tqdm(total=total * args.repeat, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
     except ImportError:
         progress = None
+    machine = None
+    if "cuda" in plan and any("work" in c.tags for c in plan["cuda"]):
+        machine = bounds.measure(torch.device("cuda"))  # the bounds' rates, measured in this run
     passes = []
     for _ in range(args.repeat):
         one = []
         for device, cases in plan.items():
-            one += runner.run(cases, device, args.threads, min_time, progress)
+            one += runner.run(cases, device, args.threads, min_time, progress, machine if device == "cuda" else None)
         passes.append(one)
     if progress is not None:
         progress.close()
@@ -100,11 +103,13 @@ def main(argv=None) -> int:
     names = {d: runner.device_name(d) for d in devices}
     summary = "median" if args.repeat == 1 else f"median of {args.repeat} passes; range: lowest-highest pass"
     print(f"visionops benchmark: ratio = baseline time / visionops time ({summary}); {', '.join(names.values())}")
+    if machine is not None:
+        print(f"bound = the least time the case's bytes, FLOPs and launches allow at {machine.describe()}")
     print(runner.format_table(results))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = "-".join(devices) + ("-quick" if args.quick else "")
     json_path = os.path.join(args.out, f"bench-{tag}-{stamp}.json")
-    runner.save_json(results, json_path, names, args.threads, args.repeat)
+    runner.save_json(results, json_path, names, args.threads, args.repeat, machine)
     print(f"results: {json_path}")
     if not args.no_plot:
         png = json_path[:-5] + ".png"

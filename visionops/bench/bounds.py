@@ -12,8 +12,9 @@ For each case, ``Work`` counts what any kernel for that op must do:
 
 The machine side (``Machine``) is measured in the same run: HBM bandwidth from a copy larger than L2, L2 bandwidth
 from a copy that fits in it, FLOP/s from large GEMMs (float32 with TF32 off; bfloat16 for half-precision work),
-and the latency of one launch plus a synchronisation. ``bound = max(hbm / HBM, l2 / L2, flops / FLOP/s, launches x latency)``; the runner prints
-``bound / measured`` (1.0 = at the bound).
+and the latency of one launch plus a synchronisation.
+``bound = max(hbm / HBM, l2 / L2, flops / FLOP/s, launches x latency)``; the runner prints ``bound / measured``
+(1.0 = at the bound).
 
 ``python -m visionops.bench.bounds`` prints the work of every case that declares it (no GPU needed).
 """

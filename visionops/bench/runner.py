@@ -1,5 +1,6 @@
 """Times every case for visionops and its baseline in the same run and reports the ratio baseline / visionops."""
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -12,6 +13,7 @@ from typing import Dict, List
 
 import torch
 
+from visionops.bench import bounds
 from visionops.bench.case import Case
 
 
@@ -71,8 +73,9 @@ def time_fn(fn, threads: int, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def run(cases: List[Case], device: str, threads: int, min_run_time: float, progress=None) -> List[dict]:
-    """One pass: each case checked, then timed for visionops and for its baseline."""
+def run(cases: List[Case], device: str, threads: int, min_run_time: float, progress=None, machine=None) -> List[dict]:
+    """One pass: each case checked, then timed for visionops and for its baseline. With ``machine`` (the rates of
+    visionops.bench.bounds.measure), a case that declares its work also gets its lower bound."""
     results = []
     for case in cases:
         if progress is not None:
@@ -84,6 +87,10 @@ def run(cases: List[Case], device: str, threads: int, min_run_time: float, progr
             row["visionops_ms"] = time_fn(ours, threads, min_run_time) * 1e3
             row["baseline_ms"] = time_fn(base, threads, min_run_time) * 1e3
             row["ratio"] = row["baseline_ms"] / row["visionops_ms"]
+            work = case.tags.get("work") if machine is not None else None
+            if work is not None:
+                row["bound_ms"] = bounds.bound_seconds(work(), machine) * 1e3
+                row["of_bound"] = row["bound_ms"] / row["visionops_ms"]
         except Exception as e:  # report and go on: one broken case must not hide the others
             row["error"] = f"{type(e).__name__}: {e}"
         results.append(row)
@@ -110,6 +117,9 @@ def combine(passes: List[List[dict]]) -> List[dict]:
                 row[k] = statistics.median(p[k] for p in ok)
             row["ratio_min"] = min(p["ratio"] for p in ok)
             row["ratio_max"] = max(p["ratio"] for p in ok)
+        if ok and "bound_ms" in same[0]:
+            row["bound_ms"] = same[0]["bound_ms"]
+            row["of_bound"] = row["bound_ms"] / row["visionops_ms"]
         row["passes"] = ok
         errors = [r["error"] for r in same if "error" in r]
         if errors:
@@ -126,7 +136,9 @@ def format_table(results: List[dict]) -> str:
     """Columns as wide as their longest entry, numbers aligned on the right; a range column (min-max of the ratio)
     when a row comes from several passes."""
     ranged = any(len(r.get("passes", ())) > 1 for r in results)
+    bounded = any("bound_ms" in r for r in results)
     header = ["op", "case", "device", "visionops", "baseline", "ratio"] + (["range"] if ranged else [])
+    header += ["bound", "bound/time"] if bounded else []
     rows = []
     for r in results:
         row = [r["op"], r["case"], r["device"]]
@@ -134,7 +146,10 @@ def format_table(results: List[dict]) -> str:
             rows.append(row + ["ERROR " + r["error"]])
             continue
         row += [f"{r['visionops_ms']:.3f}ms", f"{r['baseline_ms']:.3f}ms", f"{r['ratio']:.2f}x"]
-        rows.append(row + ([_ratio_range(r) if "ratio_min" in r else ""] if ranged else []))
+        row += [_ratio_range(r) if "ratio_min" in r else ""] if ranged else []
+        if bounded:
+            row += [f"{r['bound_ms']:.3f}ms", f"{r['of_bound']:.0%}"] if "bound_ms" in r else ["", ""]
+        rows.append(row)
     width = [
         max([len(h)] + [len(row[i]) for row in rows if i < 3 or len(row) == len(header)]) for i, h in enumerate(header)
     ]
@@ -148,7 +163,7 @@ def format_table(results: List[dict]) -> str:
     return "\n".join(lines + ["-" * len(lines[0])] + [line(row) for row in rows])
 
 
-def save_json(results: List[dict], path: str, devices: dict, threads: int, repeat: int = 1) -> None:
+def save_json(results: List[dict], path: str, devices: dict, threads: int, repeat: int = 1, machine=None) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     payload = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -156,6 +171,7 @@ def save_json(results: List[dict], path: str, devices: dict, threads: int, repea
         "devices": devices,
         "threads": threads,
         "repeat": repeat,
+        "bound_rates": dataclasses.asdict(machine) if machine is not None else None,
         "results": results,
     }
     with open(path, "w") as f:
