@@ -9,6 +9,11 @@ import sys
 
 from setuptools import find_packages, setup
 
+# torch's CUDA detection prefers /usr/local, where `nvcc` may be a wrapper; use the real toolkit when unset. Set
+# before importing cpp_extension, which reads (and logs) it at import.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 try:
     import torch
     from torch.utils import cpp_extension
@@ -92,11 +97,6 @@ def _extension():
         return cpp_extension.CUDAExtension("visionops._C", _sources(True), extra_compile_args=extra, **kwargs)
     return cpp_extension.CppExtension("visionops._C", _sources(False), extra_compile_args=extra, **kwargs)
 
-
-# torch's CUDA detection prefers /usr/local, where `nvcc` may be a wrapper; use the real toolkit when unset.
-if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
-    os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    cpp_extension.CUDA_HOME = "/usr/local/cuda"
 
 setup(
     name="visionops",
