@@ -49,6 +49,16 @@ int main() {
   const auto [bk, bv] = visionops::batched_soft_nms(sb, ss, sc, 0.3, 0.5, 0.01, 1);
   check(bk.size(0) == 4 && bk[2].item<int64_t>() == 2 && near(bv[2], 0.7 * 17 / 41), "batched_soft_nms");
 
+  // Fixed-shape multiclass NMS on a batch of one image, one class: box 1 goes, as in nms; two padding rows.
+  const auto [mb, ms_, mc, mn] =
+      visionops::multiclass_nms(boxes.unsqueeze(0), scores.view({1, 3, 1}), 0.5, 0.05, 10, 4, false);
+  check(mb.size(1) == 4 && mn[0].item<int64_t>() == 2 && near(ms_[0][1], 0.7) && mc[0][2].item<int64_t>() == -1,
+        "multiclass_nms");
+  // Matrix NMS: the top box keeps its score; box 1 decays by exp(-2 * 0.81^2) and falls behind box 2 (IoU 0).
+  const auto [xk, xs] = visionops::matrix_nms(boxes, scores, at::zeros({3}, at::kLong), "gaussian", 2.0, 0.0, -1);
+  check(xk.size(0) == 3 && xk[1].item<int64_t>() == 2 && near(xs[1], 0.7) && near(xs[2], 0.8 * std::exp(-2 * 0.6561)),
+        "matrix_nms");
+
   // RoIs inside constant feature maps: every bin averages ones, and each bin's weights sum to 1.
   const at::Tensor x = at::ones({1, 1, 4, 4}), rois = at::tensor({0.f, 0.f, 0.f, 3.f, 3.f}).view({1, 5});
   check(near(visionops::roi_align(x, rois, 1.0, 2, 2, 2, false).sum(), 4.0), "roi_align");
