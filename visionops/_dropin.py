@@ -109,15 +109,22 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
             or not (isinstance(boxes1, Tensor) and isinstance(boxes2, Tensor))
             or boxes1.is_quantized
             or boxes2.is_quantized
+            or boxes1.is_complex()
+            or boxes2.is_complex()
+            or boxes1.dtype == torch.bool
+            or boxes2.dtype == torch.bool
             or boxes1.dim() < 2
             or boxes2.dim() < 2
         ):
             return _tv_box_iou(boxes1, boxes2, fmt)
-        # torchvision computes float16/bfloat16 boxes in float32 and returns float32
-        upcast = (torch.float16, torch.bfloat16)
-        boxes1 = boxes1.float() if boxes1.dtype in upcast else boxes1
-        boxes2 = boxes2.float() if boxes2.dtype in upcast else boxes2
-        return _vo_nms.box_iou(boxes1, boxes2, fmt)
+        # torchvision promotes mixed dtypes, computes float16/bfloat16 in float32 (returning float32) and divides
+        # integer intersections by unions (a default-dtype result): integers are computed here in float64.
+        common = torch.promote_types(boxes1.dtype, boxes2.dtype)
+        if not common.is_floating_point:
+            iou = _vo_nms.box_iou(boxes1.double(), boxes2.double(), fmt)
+            return iou.to(torch.get_default_dtype())
+        common = torch.float32 if common in (torch.float16, torch.bfloat16) else common
+        return _vo_nms.box_iou(boxes1.to(common), boxes2.to(common), fmt)
     if (
         fmt == "xyxy"
         and boxes1.dim() == 2

@@ -74,37 +74,31 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy", *, backend: str =
     """Pairwise IoU, as ``torchvision.ops.box_iou``: Tensor[..., N, 4], Tensor[..., M, 4] -> Tensor[..., N, M].
 
     ``fmt`` is "xyxy", "xywh" or "cxcywh" (other formats are converted to xyxy first, so results may differ from
-    torchvision's in the last bits). Leading batch dimensions broadcast. Mixed dtypes are promoted
-    (``torch.promote_types``); integer boxes are computed in float64 and returned in the default float dtype (as
-    torchvision's integer division). Half inputs are computed in float32 and returned in their dtype. Differentiable
-    with respect to both (floating-point) inputs.
+    torchvision's in the last bits). Leading batch dimensions broadcast. Both inputs must have the same floating
+    dtype (``patch_torchvision()``'s ``box_iou`` also takes integer and mixed dtypes, as torchvision). Half inputs
+    are computed in float32 and returned in their dtype. Differentiable with respect to both inputs.
     """
     for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
-        check_tensor(name, b)
+        check_tensor(name, b, floating=True)
         if b.dim() < 2 or b.shape[-1] != 4:
             raise ArgumentValueError(f"{name} must have shape [..., N, 4], got {list(b.shape)}")
-        if b.is_complex() or b.dtype == torch.bool:
-            raise ArgumentTypeError(f"{name} must be a floating-point or integer tensor, got {b.dtype}")
     check_same_device(("boxes1", "boxes2"), (boxes1, boxes2))
+    if boxes1.dtype != boxes2.dtype:
+        raise ArgumentTypeError(f"boxes1 and boxes2 must have the same dtype, got {boxes1.dtype} and {boxes2.dtype}")
     if fmt not in _FORMATS:
         raise ArgumentValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
-    common = torch.promote_types(boxes1.dtype, boxes2.dtype)
-    out_dtype = common if common.is_floating_point else torch.get_default_dtype()
-    compute = common if common.is_floating_point else torch.float64
-    boxes1, boxes2 = boxes1.to(compute), boxes2.to(compute)
     if fmt != "xyxy":
         boxes1, boxes2 = box_convert(boxes1, fmt, "xyxy"), box_convert(boxes2, fmt, "xyxy")
     op = registry.dispatch("box_iou", backend, boxes1.device)
     if boxes1.dim() == 2 and boxes2.dim() == 2:
-        return op(boxes1, boxes2).to(out_dtype)
+        return op(boxes1, boxes2)
     batch = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
-    n, m = boxes1.shape[-2], boxes2.shape[-2]
-    flat1 = boxes1.expand(*batch, n, 4).reshape(-1, n, 4)
-    flat2 = boxes2.expand(*batch, m, 4).reshape(-1, m, 4)
-    if flat1.shape[0] == 0:
-        return boxes1.new_empty((*batch, n, m), dtype=out_dtype)
-    iou = torch.stack([op(a, b) for a, b in zip(flat1.unbind(0), flat2.unbind(0))])
-    return iou.reshape(*batch, n, m).to(out_dtype)
+    n, m, size = boxes1.shape[-2], boxes2.shape[-2], batch.numel()
+    if size == 0:
+        return boxes1.new_empty((*batch, n, m))
+    flat1 = boxes1.expand(*batch, n, 4).reshape(size, n, 4)
+    flat2 = boxes2.expand(*batch, m, 4).reshape(size, m, 4)
+    return torch.stack([op(a, b) for a, b in zip(flat1.unbind(0), flat2.unbind(0))]).reshape(*batch, n, m)
 
 
 def _soft_nms_args(op, boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
