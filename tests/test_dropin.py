@@ -94,6 +94,7 @@ import sys
 import torch
 import visionops  # registers the visionops ops the saved model calls: before torch.jit.load
 model = torch.jit.load(sys.argv[1])
+assert "torchvision" not in sys.modules  # the scripted model needs visionops only
 images = torch.load(sys.argv[2])
 with torch.no_grad():
     _, detections = model(images)

@@ -79,6 +79,36 @@ def _vo_rois(boxes: Union[Tensor, list[Tensor]]) -> Tensor:
     return torch.cat(rois, dim=0)
 
 
+def _vo_upcast(t: Tensor) -> Tensor:
+    if t.is_floating_point():
+        return t if t.dtype == torch.float32 or t.dtype == torch.float64 else t.float()
+    return t if t.dtype == torch.int32 or t.dtype == torch.int64 else t.int()
+
+
+def _vo_xyxy(boxes: Tensor, fmt: str) -> Tensor:
+    if fmt == "xywh":
+        return torch.cat([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], -1)
+    if fmt == "cxcywh":
+        return torch.cat([boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], -1)
+    return boxes
+
+
+def _vo_scripted_box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str) -> Tensor:
+    """torchvision's axis-aligned box_iou formula, for the scripted calls the kernel does not take (integer, mixed
+    or half dtypes, batched boxes). Written here rather than calling torchvision's box_iou, whose rotated branch would
+    make the scripted model need torchvision's ops to load."""
+    if fmt != "xyxy" and fmt != "xywh" and fmt != "cxcywh":
+        raise ValueError("patch_torchvision: scripted box_iou takes the formats xyxy, xywh and cxcywh, got " + fmt)
+    boxes1, boxes2 = _vo_xyxy(boxes1, fmt), _vo_xyxy(boxes2, fmt)
+    area1 = _vo_upcast(boxes1[..., 2:] - boxes1[..., :2]).prod(-1)
+    area2 = _vo_upcast(boxes2[..., 2:] - boxes2[..., :2]).prod(-1)
+    lt = torch.max(boxes1[..., None, :2], boxes2[..., None, :, :2])
+    rb = torch.min(boxes1[..., None, 2:], boxes2[..., None, :, 2:])
+    wh = _vo_upcast(rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[..., None] + area2[..., None, :] - inter)
+
+
 # ---- torchvision.ops functions ------------------------------------------------------------------------------------
 
 
@@ -92,8 +122,6 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     if not torch.jit.is_scripting():
-        if isinstance(boxes, Tensor) and boxes.numel() == 0:
-            return torch.empty((0,), dtype=torch.int64, device=boxes.device)
         if _vo_unsupported(boxes, scores):
             return _tv_batched_nms(boxes, scores, idxs, iou_threshold)
         return _vo_nms.batched_nms(boxes, scores, idxs, iou_threshold)
@@ -133,7 +161,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
         and (boxes1.dtype == torch.float32 or boxes1.dtype == torch.float64)
     ):
         return torch.ops.visionops.box_iou(boxes1, boxes2)
-    return _tv_box_iou(boxes1, boxes2, fmt)
+    return _vo_scripted_box_iou(boxes1, boxes2, fmt)
 
 
 def roi_align(

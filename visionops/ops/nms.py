@@ -59,7 +59,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         Tensor[K] int64 indices of kept boxes, by decreasing score. Empty ``boxes`` return an empty result at once,
         whatever the other arguments are (``None`` included), as torchvision.
     """
-    if isinstance(boxes, Tensor) and boxes.numel() == 0:
+    # (not while compiling: the number of boxes is often data dependent there, and the kernels handle none)
+    if isinstance(boxes, Tensor) and not torch.compiler.is_compiling() and boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     check_boxes("boxes", boxes)
     check_tensor("scores", scores, floating=True, dim=1)
