@@ -186,7 +186,10 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
 def register() -> None:
     """Register the translations for both exporters (``import visionops`` does this)."""
-    _register_torchscript()
+    try:
+        _register_torchscript()
+    except (ImportError, AttributeError):  # a torch without the TorchScript exporter: nothing to register there
+        pass
     if _TORCHLIB_REGISTRATION in sys.modules:
         _register_torchlib()
     elif importlib.util.find_spec("onnxscript") is not None:
