@@ -337,3 +337,29 @@ def test_patched_model_built_outside_the_patch_and_torchvision_restored():
     assert "visionops::multi_scale_roi_align" in seen
     torch.testing.assert_close(got, expected)
     assert torchvision.ops.nms is _dropin._tv_nms
+
+
+class _OnnxMultiScale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = visionops.MultiScaleRoIAlign(["0", "1", "2"], (3, 2), 2, canonical_scale=16)
+
+    def forward(self, f0, f1, f2, boxes):
+        return self.pool({"0": f0, "1": f1, "2": f2}, [boxes[:5], boxes[5:]], [(64, 64), (60, 64)])
+
+
+def test_onnx_export_of_multi_scale_roi_align_runs_in_onnxruntime(tmp_path):
+    """The default exporter only: the TorchScript one has no translation of visionops::multi_scale_roi_align."""
+    pytest.importorskip("onnxscript")
+    g = torch.Generator().manual_seed(4)
+    features = [torch.rand(2, 3, 64 // s, 64 // s, generator=g) for s in (4, 8, 16)]
+    boxes = torch.cat([_boxes(8, seed=5, scale=20.0), _boxes(4, seed=6, scale=50.0) * 1.2])  # several levels
+    inputs = (*features, boxes)
+    expected = _OnnxMultiScale()(*inputs)
+    assert len(set(visionops.ops.poolers.setup_scales(features, [(64, 64)], 16)[1]([boxes]).tolist())) == 3
+    path = tmp_path / "msroi.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_OnnxMultiScale(), inputs, dynamo=True, opset_version=18).save(str(path))
+    (got,) = _run_onnxruntime(path, inputs)
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-5, atol=1e-5)

@@ -5,8 +5,9 @@ Each has torchvision's exact signature and is scriptable: ``torch.jit.script`` c
 ``torch.jit.save`` needs ``import visionops`` before ``torch.jit.load``, as torchvision's ops need
 ``import torchvision``). In eager mode they call the visionops wrappers, except for inputs visionops has no kernel for
 (quantized or non-floating tensors), which go to torchvision's own implementation, and, while ``torch.onnx.export``
-runs, for the detection building blocks whose visionops ops have no ONNX translation (MultiScaleRoIAlign,
-AnchorGenerator, BoxCoder): torchvision's Python, whose graph is made of nms / roi_align, then exports.
+runs, for the detection building blocks whose visionops ops have no ONNX translation (AnchorGenerator, BoxCoder, and
+MultiScaleRoIAlign on the TorchScript exporter): torchvision's Python, whose graph is made of roi_align and plain
+tensor operations, then exports.
 
 This module imports torchvision; ``import visionops`` does not import it.
 """
@@ -203,7 +204,9 @@ def roi_pool(
 
 def _eager_multiscale_forward(self, x, boxes, image_shapes):
     features = _tv_filter_input(x, self.featmap_names)
-    if torch.onnx.is_in_onnx_export() or _vo_unsupported(*features, *boxes):
+    # the TorchScript ONNX exporter has no translation of visionops::multi_scale_roi_align; the default one has
+    torchscript_onnx = torch.onnx.is_in_onnx_export() and not torch.compiler.is_exporting()
+    if torchscript_onnx or _vo_unsupported(*features, *boxes):
         return _tv_multiscale_forward(self, x, boxes, image_shapes)
     if self.scales is None or self.map_levels is None:
         self.scales, self.map_levels = _tv_setup_scales(

@@ -11,6 +11,8 @@ op                          ONNX
                             then ``NonMaxSuppression``: what ``torchvision.ops.batched_nms`` exports
 ``roi_align``               ``RoiAlign`` (opset >= 16: ``aligned`` as ``half_pixel``; opset 11-15: aligned=False only)
 ``roi_pool``                ``MaxRoiPool``
+``multi_scale_roi_align``   (default exporter only) one ``RoiAlign`` per level over all RoIs, each RoI keeping its
+                            level's result
 ==========================  ===========================================================================
 
 As in torchvision's translations, a ``sampling_ratio`` <= 0 (adaptive) is written as ONNX's 0, which is adaptive
@@ -24,6 +26,7 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
+from typing import Sequence
 
 import torch
 
@@ -158,6 +161,40 @@ def _register_torchlib() -> None:
             output_width=pooled_width,
             sampling_ratio=_warn_adaptive(sampling_ratio),
         )
+
+    @torch_op("visionops::multi_scale_roi_align", trace_only=True)
+    def visionops_multi_scale_roi_align(
+        features,
+        rois,
+        levels,
+        scales: Sequence[float],
+        pooled_height: int,
+        pooled_width: int,
+        sampling_ratio: int,
+        aligned: bool,
+    ):
+        # every RoI pooled from every level, then each keeps its own level's result: the same values as one
+        # RoiAlign per level over that level's RoIs, without data-dependent gathers
+        ids = op.Cast(op.Squeeze(op.Slice(rois, starts=[0], ends=[1], axes=[1]), [1]), to=INT64.dtype)
+        boxes = op.Slice(rois, starts=[1], ends=[5], axes=[1])
+        out = None
+        for level, (feature, scale) in enumerate(zip(features, scales)):
+            pooled = op.RoiAlign(
+                feature,
+                boxes,
+                ids,
+                coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel",
+                spatial_scale=scale,
+                output_height=pooled_height,
+                output_width=pooled_width,
+                sampling_ratio=_warn_adaptive(sampling_ratio),
+            )
+            if out is None:
+                out = pooled
+            else:
+                here = op.Reshape(op.Equal(levels, op.CastLike(level, levels)), [-1, 1, 1, 1])
+                out = op.Where(here, pooled, out)
+        return out
 
     @torch_op("visionops::roi_pool", trace_only=True)
     def visionops_roi_pool(input, rois, spatial_scale: float, pooled_height: int, pooled_width: int):
