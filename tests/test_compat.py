@@ -6,6 +6,7 @@ import torchvision
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 import visionops
+from visionops import _dropin
 
 ROUTED = ["nms", "batched_nms", "box_iou", "roi_align", "roi_pool"]
 
@@ -27,11 +28,11 @@ def test_patch_and_restore_functions():
     before = _originals()
     with visionops.patch_torchvision() as p:
         assert p.active
-        assert torchvision.ops.nms is visionops.nms and torchvision.ops.boxes.nms is visionops.nms
-        assert torchvision.ops.roi_align is visionops.roi_align
+        assert torchvision.ops.nms is _dropin.nms and torchvision.ops.boxes.nms is _dropin.nms
+        assert torchvision.ops.roi_align is _dropin.roi_align
     assert _originals() == before and not p.active
     p = visionops.patch_torchvision()
-    assert torchvision.ops.batched_nms is visionops.batched_nms
+    assert torchvision.ops.batched_nms is _dropin.batched_nms
     visionops.unpatch()
     assert _originals() == before
     visionops.unpatch()  # nothing active: no-op

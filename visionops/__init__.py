@@ -11,5 +11,8 @@ from visionops.ops import *  # noqa: E402,F401,F403  (the public ops: visionops.
 from visionops import nn  # noqa: E402,F401  (visionops.nn.Conv2d / Conv3d)
 import visionops.triton  # noqa: E402,F401  (defines the Triton ops when triton is installed)
 from visionops.compat import patch_torchvision, unpatch  # noqa: E402
+from visionops import onnx as _onnx  # noqa: E402
+
+_onnx.register()  # torch.onnx.export translations of nms, batched_nms, roi_align, roi_pool
 
 __all__ = ["__version__", "build_info", "patch_torchvision", "unpatch", *ops.__all__]

@@ -4,10 +4,14 @@
 patched, not only the module functions):
 
 * ``torchvision.ops`` ``nms``, ``batched_nms``, ``box_iou``, ``roi_align``, ``roi_pool`` (also where
-  torchvision's own modules imported them: ``ops.boxes``, ``ops.roi_align``, ``ops.roi_pool``,
+  torchvision's own modules imported them: ``ops.boxes``, ``ops.roi_align``, ``ops.roi_pool``, ``ops.poolers``,
   ``models.detection.roi_heads``), and ``MultiScaleRoIAlign.forward`` (one multi-level kernel);
 * ``models.detection.anchor_utils.AnchorGenerator.forward`` (one launch for all levels and images);
-* ``models.detection._utils.BoxCoder`` ``encode``/``encode_single``/``decode``/``decode_single``.
+* ``models.detection._utils.BoxCoder`` ``encode_single``/``decode_single`` (``encode``/``decode`` call them).
+
+The replacements (visionops/_dropin.py) keep torchvision's signatures, are scriptable with ``torch.jit.script``,
+export with ``torch.onnx.export``, and hand inputs visionops has no kernel for (quantized tensors, integer features)
+to torchvision's own implementation; docs/dropin.md lists what runs where.
 
 Use it as a context manager, or call it and later ``unpatch()``; leaving restores torchvision exactly (the original
 objects are put back). Patches nest: each ``unpatch()`` undoes the most recent ``patch_torchvision()``.
@@ -22,63 +26,31 @@ from unittest import mock
 _ACTIVE: List["TorchvisionPatch"] = []
 
 
-def _anchor_forward(self, image_list, feature_maps):
-    from visionops.ops.anchors import anchors_for_images
-
-    return anchors_for_images(self.cell_anchors, image_list, feature_maps)
-
-
-def _multiscale_forward(self, x, boxes, image_shapes):
-    from visionops.ops.poolers import multi_scale_roi_align, setup_scales
-
-    features = [v for k, v in x.items() if k in self.featmap_names]
-    scales, mapper = setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
-    self.scales, self.map_levels = scales, mapper  # as torchvision's forward leaves them
-    return multi_scale_roi_align(features, boxes, self.output_size, self.sampling_ratio, scales, mapper)
-
-
-def _encode_single(self, reference_boxes, proposals):
-    from visionops.ops.box_coder import encode_boxes
-
-    return encode_boxes(reference_boxes, proposals, self.weights)
-
-
-def _decode_single(self, rel_codes, boxes):
-    from visionops.ops.box_coder import decode_boxes
-
-    return decode_boxes(rel_codes, boxes.to(rel_codes.dtype), self.weights, self.bbox_xform_clip)
-
-
 def _targets():
     """(object, attribute, replacement) for everything patch_torchvision routes."""
-    import torchvision  # noqa: F401
     import torchvision.models.detection._utils as det_utils
     import torchvision.models.detection.anchor_utils as anchor_utils
     import torchvision.models.detection.roi_heads as roi_heads
     import torchvision.ops.boxes as tv_boxes
     import torchvision.ops.poolers as poolers
 
-    import visionops
-    from visionops.ops.box_coder import BoxCoder
+    from visionops import _dropin
 
     tv_ops = sys.modules["torchvision.ops"]
     roi_align_mod = importlib.import_module("torchvision.ops.roi_align")
     roi_pool_mod = importlib.import_module("torchvision.ops.roi_pool")
-    functions = {"nms": visionops.nms, "batched_nms": visionops.batched_nms, "box_iou": visionops.box_iou}
-    targets = [(owner, name, fn) for name, fn in functions.items() for owner in (tv_ops, tv_boxes)]
+    targets = [
+        (owner, name, getattr(_dropin, name))
+        for name in ("nms", "batched_nms", "box_iou")
+        for owner in (tv_ops, tv_boxes)
+    ]
+    targets += [(owner, "roi_align", _dropin.roi_align) for owner in (tv_ops, roi_align_mod, roi_heads, poolers)]
+    targets += [(owner, "roi_pool", _dropin.roi_pool) for owner in (tv_ops, roi_pool_mod)]
     targets += [
-        (tv_ops, "roi_align", visionops.roi_align),
-        (roi_align_mod, "roi_align", visionops.roi_align),
-        (roi_heads, "roi_align", visionops.roi_align),
-        (poolers, "roi_align", visionops.roi_align),
-        (tv_ops, "roi_pool", visionops.roi_pool),
-        (roi_pool_mod, "roi_pool", visionops.roi_pool),
-        (poolers.MultiScaleRoIAlign, "forward", _multiscale_forward),
-        (anchor_utils.AnchorGenerator, "forward", _anchor_forward),
-        (det_utils.BoxCoder, "encode_single", _encode_single),
-        (det_utils.BoxCoder, "decode_single", _decode_single),
-        (det_utils.BoxCoder, "encode", BoxCoder.encode),
-        (det_utils.BoxCoder, "decode", BoxCoder.decode),
+        (poolers.MultiScaleRoIAlign, "forward", _dropin.multiscale_roi_align_forward),
+        (anchor_utils.AnchorGenerator, "forward", _dropin.anchor_generator_forward),
+        (det_utils.BoxCoder, "encode_single", _dropin.box_coder_encode_single),
+        (det_utils.BoxCoder, "decode_single", _dropin.box_coder_decode_single),
     ]
     return targets
 

@@ -9,7 +9,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from visionops.ops._checks import check_number, check_tensor
+from visionops.ops._checks import ArgumentValueError, check_number, check_tensor
 
 __all__ = ["box_area", "box_convert", "clip_boxes_to_image", "remove_small_boxes"]
 
@@ -19,7 +19,7 @@ _FORMATS = ("xyxy", "xywh", "cxcywh")
 def _check_boxes_nd(name: str, boxes) -> None:
     check_tensor(name, boxes)
     if boxes.dim() == 0 or boxes.shape[-1] != 4:
-        raise ValueError(f"{name} must have shape [..., 4], got {list(boxes.shape)}")
+        raise ArgumentValueError(f"{name} must have shape [..., 4], got {list(boxes.shape)}")
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -36,7 +36,7 @@ def box_area(boxes: Tensor, fmt: str = "xyxy") -> Tensor:
     """
     _check_boxes_nd("boxes", boxes)
     if fmt not in _FORMATS:
-        raise ValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
+        raise ArgumentValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
     b = _upcast(boxes)
     if fmt == "xyxy":
         return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
@@ -51,7 +51,7 @@ def clip_boxes_to_image(boxes: Tensor, size: Tuple[int, int]) -> Tensor:
     """
     _check_boxes_nd("boxes", boxes)
     if not isinstance(size, (list, tuple, torch.Size)) or len(size) != 2:
-        raise ValueError(f"size must be (height, width), got {size!r}")
+        raise ArgumentValueError(f"size must be (height, width), got {size!r}")
     height, width = (check_number("size", v) for v in size)
     x = boxes[..., 0::2].clamp(min=0, max=width)
     y = boxes[..., 1::2].clamp(min=0, max=height)
@@ -66,7 +66,7 @@ def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
     _check_boxes_nd("boxes", boxes)
     for name, f in (("in_fmt", in_fmt), ("out_fmt", out_fmt)):
         if f not in _FORMATS:
-            raise ValueError(f"{name} must be one of {_FORMATS}, got {f!r}")
+            raise ArgumentValueError(f"{name} must be one of {_FORMATS}, got {f!r}")
     if in_fmt == out_fmt:
         return boxes.clone()
     a, b, c, d = boxes.unbind(-1)

@@ -13,7 +13,16 @@ from visionops import _registry as registry
 from visionops import reference
 from visionops.reference.nms import SOFT_NMS_METHODS
 from visionops.reference.nms import multiclass_nms as multiclass_nms_reference
-from visionops.ops._checks import check_boxes, check_number, check_same_device, check_same_length, check_tensor
+from visionops.ops._checks import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_boxes,
+    check_number,
+    check_same_device,
+    check_same_length,
+    check_tensor,
+)
+from visionops.ops.boxes import _FORMATS, box_convert
 
 __all__ = ["nms", "batched_nms", "box_iou", "soft_nms", "batched_soft_nms"]
 
@@ -47,8 +56,12 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Args:
         boxes: Tensor[N, 4]; scores: Tensor[N]; idxs: Tensor[N] integer category of each box.
     Returns:
-        Tensor[K] int64 indices of kept boxes, by decreasing score.
+        Tensor[K] int64 indices of kept boxes, by decreasing score. Empty ``boxes`` return an empty result at once,
+        whatever the other arguments are (``None`` included), as torchvision.
     """
+    # (not while compiling: the number of boxes is often data dependent there, and the kernels handle none)
+    if isinstance(boxes, Tensor) and not torch.compiler.is_compiling() and boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     check_boxes("boxes", boxes)
     check_tensor("scores", scores, floating=True, dim=1)
     check_tensor("idxs", idxs, integer=True, dim=1)
@@ -58,17 +71,35 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     return registry.dispatch("batched_nms", backend, boxes.device)(boxes, scores, idxs, thr)
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor, *, backend: str = "auto") -> Tensor:
-    """Pairwise IoU, as ``torchvision.ops.box_iou``: Tensor[N, 4], Tensor[M, 4] -> Tensor[N, M].
+def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy", *, backend: str = "auto") -> Tensor:
+    """Pairwise IoU, as ``torchvision.ops.box_iou``: Tensor[..., N, 4], Tensor[..., M, 4] -> Tensor[..., N, M].
 
-    Differentiable with respect to both inputs. Half inputs are computed in float32 and returned in their dtype.
+    ``fmt`` is "xyxy", "xywh" or "cxcywh" (other formats are converted to xyxy first, so results may differ from
+    torchvision's in the last bits). Leading batch dimensions broadcast. Both inputs must have the same floating
+    dtype (``patch_torchvision()``'s ``box_iou`` also takes integer and mixed dtypes, as torchvision). Half inputs
+    are computed in float32 and returned in their dtype. Differentiable with respect to both inputs.
     """
-    check_boxes("boxes1", boxes1)
-    check_boxes("boxes2", boxes2)
+    for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
+        check_tensor(name, b, floating=True)
+        if b.dim() < 2 or b.shape[-1] != 4:
+            raise ArgumentValueError(f"{name} must have shape [..., N, 4], got {list(b.shape)}")
     check_same_device(("boxes1", "boxes2"), (boxes1, boxes2))
     if boxes1.dtype != boxes2.dtype:
-        raise TypeError(f"boxes1 and boxes2 must have the same dtype, got {boxes1.dtype} and {boxes2.dtype}")
-    return registry.dispatch("box_iou", backend, boxes1.device)(boxes1, boxes2)
+        raise ArgumentTypeError(f"boxes1 and boxes2 must have the same dtype, got {boxes1.dtype} and {boxes2.dtype}")
+    if fmt not in _FORMATS:
+        raise ArgumentValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
+    if fmt != "xyxy":
+        boxes1, boxes2 = box_convert(boxes1, fmt, "xyxy"), box_convert(boxes2, fmt, "xyxy")
+    op = registry.dispatch("box_iou", backend, boxes1.device)
+    if boxes1.dim() == 2 and boxes2.dim() == 2:
+        return op(boxes1, boxes2)
+    batch = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+    n, m, size = boxes1.shape[-2], boxes2.shape[-2], batch.numel()
+    if size == 0:
+        return boxes1.new_empty((*batch, n, m))
+    flat1 = boxes1.expand(*batch, n, 4).reshape(size, n, 4)
+    flat2 = boxes2.expand(*batch, m, 4).reshape(size, m, 4)
+    return torch.stack([op(a, b) for a, b in zip(flat1.unbind(0), flat2.unbind(0))]).reshape(*batch, n, m)
 
 
 def _soft_nms_args(op, boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
@@ -84,12 +115,12 @@ def _soft_nms_args(op, boxes, scores, idxs, iou_threshold, sigma, score_threshol
     thr = check_number("iou_threshold", iou_threshold)
     sig = check_number("sigma", sigma)
     if not sig > 0:
-        raise ValueError(f"{op}: sigma must be > 0, got {sigma}")
+        raise ArgumentValueError(f"{op}: sigma must be > 0, got {sigma}")
     score_thr = check_number("score_threshold", score_threshold)
     if not isinstance(method, str):
-        raise TypeError(f"{op}: method must be a string, one of {sorted(SOFT_NMS_METHODS)}, got {method!r}")
+        raise ArgumentTypeError(f"{op}: method must be a string, one of {sorted(SOFT_NMS_METHODS)}, got {method!r}")
     if method not in SOFT_NMS_METHODS:
-        raise ValueError(f"{op}: method must be one of {sorted(SOFT_NMS_METHODS)}, got {method!r}")
+        raise ArgumentValueError(f"{op}: method must be one of {sorted(SOFT_NMS_METHODS)}, got {method!r}")
     return thr, sig, score_thr, SOFT_NMS_METHODS[method]
 
 
@@ -204,9 +235,9 @@ def _soft_nms_check(boxes, scores, *rest):
     """Schema-level checks of the Triton ops (the C++ ops check in C++): sigma and method."""
     sigma, method = rest[-3], rest[-1]
     if not sigma > 0:
-        raise ValueError(f"soft_nms: sigma must be > 0, got {sigma}")
+        raise ArgumentValueError(f"soft_nms: sigma must be > 0, got {sigma}")
     if method not in (0, 1, 2):
-        raise ValueError(f"soft_nms: method must be 0 (hard), 1 (linear) or 2 (gaussian), got {method}")
+        raise ArgumentValueError(f"soft_nms: method must be 0 (hard), 1 (linear) or 2 (gaussian), got {method}")
 
 
 # Outputs are selections: no gradient (as nms). Under autocast, float32 (as nms).
@@ -273,39 +304,41 @@ def matrix_nms(
     """
     b = boxes_or_masks
     if not isinstance(b, Tensor):
-        raise TypeError(f"matrix_nms: boxes_or_masks must be a torch.Tensor, got {type(b).__name__}")
+        raise ArgumentTypeError(f"matrix_nms: boxes_or_masks must be a torch.Tensor, got {type(b).__name__}")
     if b.dim() == 2:
         check_boxes("boxes_or_masks", b)
     elif b.dim() == 3:
         if not (b.is_floating_point() or b.dtype == torch.bool):
-            raise TypeError(f"matrix_nms: boxes_or_masks (masks) must be bool or floating point, got {b.dtype}")
+            raise ArgumentTypeError(f"matrix_nms: boxes_or_masks (masks) must be bool or floating point, got {b.dtype}")
     else:
-        raise ValueError(f"matrix_nms: boxes_or_masks must be boxes [N, 4] or masks [N, H, W], got {list(b.shape)}")
+        raise ArgumentValueError(
+            f"matrix_nms: boxes_or_masks must be boxes [N, 4] or masks [N, H, W], got {list(b.shape)}"
+        )
     check_tensor("scores", scores, floating=True, dim=1)
     check_tensor("labels", labels, integer=True, dim=1)
     names = ("boxes_or_masks", "scores", "labels")
     check_same_length(names, (b, scores, labels))
     check_same_device(names, (b, scores, labels))
     if not isinstance(kernel, str):
-        raise TypeError(f"matrix_nms: kernel must be a string, one of {MATRIX_NMS_KERNELS}, got {kernel!r}")
+        raise ArgumentTypeError(f"matrix_nms: kernel must be a string, one of {MATRIX_NMS_KERNELS}, got {kernel!r}")
     if kernel not in MATRIX_NMS_KERNELS:
-        raise ValueError(f"matrix_nms: kernel must be one of {MATRIX_NMS_KERNELS}, got {kernel!r}")
+        raise ArgumentValueError(f"matrix_nms: kernel must be one of {MATRIX_NMS_KERNELS}, got {kernel!r}")
     sig = check_number("sigma", sigma)
     if kernel == "gaussian" and not sig > 0:
-        raise ValueError(f"matrix_nms: sigma must be > 0 for the gaussian kernel, got {sigma}")
+        raise ArgumentValueError(f"matrix_nms: sigma must be > 0 for the gaussian kernel, got {sigma}")
     thr = check_number("score_threshold", score_threshold)
     max_num = check_int("max_num", max_num)
     if max_num < -1:
-        raise ValueError(f"matrix_nms: max_num must be >= 0, or -1 for all, got {max_num}")
+        raise ArgumentValueError(f"matrix_nms: max_num must be >= 0, or -1 for all, got {max_num}")
     return registry.dispatch("matrix_nms", backend, b.device)(b, scores, labels, kernel, sig, thr, max_num)
 
 
 def _matrix_nms_check(boxes_or_masks, scores, labels, kernel, sigma, score_threshold, max_num):
     """Schema-level checks of the Triton op (the C++ op checks in C++)."""
     if kernel not in MATRIX_NMS_KERNELS:
-        raise ValueError(f"matrix_nms: kernel must be one of {MATRIX_NMS_KERNELS}, got {kernel!r}")
+        raise ArgumentValueError(f"matrix_nms: kernel must be one of {MATRIX_NMS_KERNELS}, got {kernel!r}")
     if kernel == "gaussian" and not sigma > 0:
-        raise ValueError(f"matrix_nms: sigma must be > 0 for the gaussian kernel, got {sigma}")
+        raise ArgumentValueError(f"matrix_nms: sigma must be > 0 for the gaussian kernel, got {sigma}")
 
 
 # A selection: no gradient. Under autocast, float32 (as nms); bool masks are not cast.
@@ -327,9 +360,9 @@ __all__ += ["multiclass_nms"]
 
 def _check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"multiclass_nms: {name} must be an int, got {type(value).__name__}")
+        raise ArgumentTypeError(f"multiclass_nms: {name} must be an int, got {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"multiclass_nms: {name} must be >= 1, got {value}")
+        raise ArgumentValueError(f"multiclass_nms: {name} must be >= 1, got {value}")
     return value
 
 
@@ -374,22 +407,22 @@ def multiclass_nms(
     check_tensor("scores", scores, floating=True, dim=3)
     check_tensor("boxes", boxes, floating=True)
     if boxes.dim() not in (3, 4) or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must have shape [B, N, 4] or [B, N, C, 4], got {list(boxes.shape)}")
+        raise ArgumentValueError(f"boxes must have shape [B, N, 4] or [B, N, C, 4], got {list(boxes.shape)}")
     expect = list(scores.shape[:2]) + ([4] if boxes.dim() == 3 else [scores.shape[2], 4])
     if list(boxes.shape) != expect:
-        raise ValueError(
+        raise ArgumentValueError(
             f"boxes must have shape {expect} to match scores of shape [B, N, C] = {list(scores.shape)}, "
             f"got {list(boxes.shape)}"
         )
     if boxes.dtype != scores.dtype:
-        raise TypeError(f"multiclass_nms: scores must have the boxes' dtype {boxes.dtype}, got {scores.dtype}")
+        raise ArgumentTypeError(f"multiclass_nms: scores must have the boxes' dtype {boxes.dtype}, got {scores.dtype}")
     check_same_device(("boxes", "scores"), (boxes, scores))
     thr = check_number("iou_threshold", iou_threshold)
     score_thr = check_number("score_threshold", score_threshold)
     per_class = _check_count("max_per_class", max_per_class)
     total = _check_count("max_total", max_total)
     if not isinstance(class_agnostic, bool):
-        raise TypeError(f"multiclass_nms: class_agnostic must be a bool, got {type(class_agnostic).__name__}")
+        raise ArgumentTypeError(f"multiclass_nms: class_agnostic must be a bool, got {type(class_agnostic).__name__}")
     return registry.dispatch("multiclass_nms", backend, boxes.device)(
         boxes, scores, thr, score_thr, per_class, total, class_agnostic
     )
@@ -408,9 +441,9 @@ def _multiclass_nms_fake(boxes, scores, iou_threshold, score_threshold, max_per_
 def _multiclass_nms_check(boxes, scores, iou_threshold, score_threshold, max_per_class, max_total, class_agnostic):
     """Schema-level checks of the Triton op (the C++ op checks in C++)."""
     if max_per_class < 1:
-        raise ValueError(f"multiclass_nms: max_per_class must be >= 1, got {max_per_class}")
+        raise ArgumentValueError(f"multiclass_nms: max_per_class must be >= 1, got {max_per_class}")
     if max_total < 1:
-        raise ValueError(f"multiclass_nms: max_total must be >= 1, got {max_total}")
+        raise ArgumentValueError(f"multiclass_nms: max_total must be >= 1, got {max_total}")
 
 
 # A selection: no gradient. Under autocast, float32 (as nms).

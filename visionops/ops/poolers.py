@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from visionops import _registry as registry
 from visionops import reference
-from visionops.ops._checks import check_int, check_pair
+from visionops.ops._checks import ArgumentTypeError, ArgumentValueError, check_int, check_pair
 from visionops.ops.roi import check_rois, roi_align
 
 _MAX_LEVELS = registry.limit("roi_align_max_levels")  # levels one kernel launch takes (csrc/ops/common/roi_align.h)
@@ -50,7 +50,7 @@ def setup_scales(
     features: List[Tensor], image_shapes: List[Tuple[int, int]], canonical_scale: int = 224, canonical_level: int = 4
 ) -> Tuple[List[float], LevelMapper]:
     if not image_shapes:
-        raise ValueError("image_shapes must contain at least one (height, width)")
+        raise ArgumentValueError("image_shapes must contain at least one (height, width)")
     original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
     scales = [_infer_scale(f, original) for f in features]
     lvl_min = -torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item()
@@ -71,16 +71,16 @@ def multi_scale_roi_align(
     """Pool each box of ``boxes`` (list of Tensor[L_i, 4], one per image) from its FPN level of ``features``
     (list of Tensor[N, C, H_l, W_l]). Returns Tensor[sum L_i, C, h, w] (aligned=False, as torchvision)."""
     if not features:
-        raise ValueError("features must contain at least one feature map")
+        raise ArgumentValueError("features must contain at least one feature map")
     if not isinstance(boxes, (list, tuple)):
-        raise TypeError(f"boxes must be a list of Tensor[L, 4] (one per image), got {type(boxes).__name__}")
+        raise ArgumentTypeError(f"boxes must be a list of Tensor[L, 4] (one per image), got {type(boxes).__name__}")
     ph, pw = check_pair("output_size", output_size)
     sr = check_int("sampling_ratio", sampling_ratio)
     rois = check_rois(features[0], boxes, "multi_scale_roi_align")
     for i, f in enumerate(features[1:], 1):
         check_rois(f, rois, "multi_scale_roi_align")
         if f.shape[1] != features[0].shape[1] or f.dtype != features[0].dtype:
-            raise ValueError(f"features[{i}] must have the channels and dtype of features[0]")
+            raise ArgumentValueError(f"features[{i}] must have the channels and dtype of features[0]")
     if len(features) == 1:
         return roi_align(features[0], rois, (ph, pw), scales[0], sr, backend=backend)
     levels = mapper(list(boxes))
@@ -168,21 +168,21 @@ def _check(features, rois, levels, scales, pooled_height, pooled_width, sampling
     """Arguments of the Triton op, checked as the C++ kernels check theirs (ValueError naming the argument)."""
     op = "multi_scale_roi_align"
     if not 1 <= len(features) <= _MAX_LEVELS or len(scales) != len(features):
-        raise ValueError(
+        raise ArgumentValueError(
             f"{op}: need 1 to {_MAX_LEVELS} feature levels and one spatial scale per level, got "
             f"{len(features)} levels and {len(scales)} scales"
         )
     for f in features:
         check_rois(f, rois, op)
         if f.shape[1] != features[0].shape[1] or f.dtype != features[0].dtype:
-            raise ValueError(f"{op}: every feature level must have the channels and dtype of features[0]")
+            raise ArgumentValueError(f"{op}: every feature level must have the channels and dtype of features[0]")
     if (
         levels.dim() != 1
         or levels.shape[0] != rois.shape[0]
         or levels.dtype != torch.int64
         or levels.device != rois.device
     ):
-        raise ValueError(
+        raise ArgumentValueError(
             f"{op}: levels must be an int64 tensor of shape [K] on the rois' device, got "
             f"{levels.dtype} {list(levels.shape)} on {levels.device}"
         )

@@ -21,7 +21,15 @@ from torch import Tensor, nn
 
 from visionops import _registry as registry
 from visionops import reference
-from visionops.ops._checks import check_int, check_number, check_pair, check_tensor
+from visionops.ops._checks import (
+    ArgumentValueError,
+    BoxesShapeError,
+    BoxesTypeError,
+    check_int,
+    check_number,
+    check_pair,
+    check_tensor,
+)
 
 __all__ = ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]
 
@@ -36,31 +44,38 @@ def convert_boxes_to_roi_format(boxes: List[Tensor]) -> Tensor:
 
 
 def check_rois(input: Tensor, boxes: BoxesType, op: str = "roi") -> Tensor:
-    """Validate ``input`` and ``boxes`` and return the RoIs as Tensor[K, 5]; raises TypeError/ValueError."""
+    """Validate ``input`` and ``boxes`` and return the RoIs as Tensor[K, 5]; raises TypeError/ValueError (malformed
+    boxes: also AssertionError, as torchvision)."""
     check_tensor("input", input, floating=True)
     if input.dim() != 4:
-        raise ValueError(f"{op}: input must have shape [N, C, H, W], got {list(input.shape)}")
+        raise ArgumentValueError(f"{op}: input must have shape [N, C, H, W], got {list(input.shape)}")
     if input.shape[2] == 0 or input.shape[3] == 0:
-        raise ValueError(f"{op}: input must have a non-empty feature map (H > 0 and W > 0), got {list(input.shape)}")
+        raise ArgumentValueError(
+            f"{op}: input must have a non-empty feature map (H > 0 and W > 0), got {list(input.shape)}"
+        )
     if isinstance(boxes, (list, tuple)):
         for i, b in enumerate(boxes):
             check_tensor(f"boxes[{i}]", b, floating=True)
             if b.dim() != 2 or b.shape[1] != 4:
-                raise ValueError(f"{op}: boxes[{i}] must have shape [L, 4], got {list(b.shape)}")
+                raise BoxesShapeError(f"{op}: boxes[{i}] must have shape [L, 4], got {list(b.shape)}")
             if b.device != input.device:
-                raise ValueError(
+                raise ArgumentValueError(
                     f"{op}: boxes[{i}] is on {b.device} but input is on {input.device}; they must be on the same device"
                 )
         if len(boxes) == 0:
             return input.new_zeros(0, 5)
         return convert_boxes_to_roi_format(boxes)
     if not isinstance(boxes, Tensor):
-        raise TypeError(f"{op}: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+        raise BoxesTypeError(
+            f"{op}: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}"
+        )
     check_tensor("boxes", boxes, floating=True)
     if boxes.dim() != 2 or boxes.shape[1] != 5:
-        raise ValueError(f"{op}: boxes must have shape [K, 5] (batch index, x1, y1, x2, y2), got {list(boxes.shape)}")
+        raise BoxesShapeError(
+            f"{op}: boxes must have shape [K, 5] (batch index, x1, y1, x2, y2), got {list(boxes.shape)}"
+        )
     if boxes.device != input.device:
-        raise ValueError(
+        raise ArgumentValueError(
             f"{op}: boxes is on {boxes.device} but input is on {input.device}; they must be on the same device"
         )
     return boxes
