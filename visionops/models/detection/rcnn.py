@@ -132,8 +132,9 @@ def check_targets(targets, num_images: int, masks: bool = False) -> None:
             raise ValueError(f"each element of targets must be a dict with tensors {keys}")
         g = len(t["boxes"])
         if t["boxes"].shape != (g, 4) or t["labels"].shape != (g,):
-            raise ValueError(f"targets: boxes must be [G, 4] and labels [G], got {list(t['boxes'].shape)}, "
-                             f"{list(t['labels'].shape)}")
+            raise ValueError(
+                f"targets: boxes must be [G, 4] and labels [G], got {list(t['boxes'].shape)}, {list(t['labels'].shape)}"
+            )
         if masks and (t["masks"].dim() != 3 or len(t["masks"]) != g):
             raise ValueError(f"targets: masks must be [G, H, W] with G = {g}, got {list(t['masks'].shape)}")
 
@@ -257,7 +258,7 @@ class RPN(nn.Module):
         for i, size in enumerate(sizes):
             obj = objectness[i].detach()
             # per level, the pre_nms_top_n best anchors
-            top = [o.topk(min(pre, len(o))).indices + start for o, start in zip(obj.split(per_level), _starts(per_level))]
+            top = [o.topk(min(pre, len(o))).indices + s for o, s in zip(obj.split(per_level), _starts(per_level))]
             top = torch.cat(top)
             boxes = self._ops.decode(deltas[i].detach()[top], anchors[top], _RPN_WEIGHTS, size)
             scores, lv = obj[top].sigmoid(), levels[top]
@@ -470,9 +471,7 @@ class FasterRCNN(_TwoStage):
         super().__init__(num_classes, backend, generator, options)
         o = self.options
         self.rpn = RPN(self._ops, o["width"], o)
-        self.box_roi_pool = self._ops.multi_scale_roi_align(
-            ["0", "1", "2"], 7, 2, canonical_scale=o["canonical_scale"]
-        )
+        self.box_roi_pool = self._ops.multi_scale_roi_align(["0", "1", "2"], 7, 2, canonical_scale=o["canonical_scale"])
         self._build_extra()
         self.reset_parameters(generator)
 
