@@ -107,17 +107,20 @@ class FPN(nn.Module):
     """torchvision's FeaturePyramidNetwork (1x1 laterals, nearest top-down, 3x3 outputs) plus P6 from P5 (its
     ``LastLevelP6P7`` with one extra level)."""
 
-    def __init__(self, in_channels: Sequence[int], width: int, extra_level: bool = True) -> None:
+    def __init__(self, in_channels: Sequence[int], width: int, finest_only: bool = False) -> None:
         super().__init__()
         self.inner = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
-        self.layer = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in in_channels)
-        self.p6 = nn.Conv2d(width, width, 3, 2, 1) if extra_level else None
+        # finest_only: P3 alone (one feature map, as Fast R-CNN's), no output convolutions left unused
+        outputs = 1 if finest_only else len(in_channels)
+        self.layer = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(outputs))
+        self.p6 = None if finest_only else nn.Conv2d(width, width, 3, 2, 1)
 
     def forward(self, feats: List[Tensor]) -> List[Tensor]:
         last = self.inner[-1](feats[-1])
-        outs = [self.layer[-1](last)]
+        merged = [last]
         for i in range(len(feats) - 2, -1, -1):
             lateral = self.inner[i](feats[i])
             last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
-            outs.insert(0, self.layer[i](last))
-        return outs + [self.p6(outs[-1])] if self.p6 is not None else outs
+            merged.insert(0, last)
+        outs = [layer(m) for layer, m in zip(self.layer, merged)]
+        return outs if self.p6 is None else outs + [self.p6(outs[-1])]

@@ -47,17 +47,18 @@ class MaskRCNN(FasterRCNN):
     * training: each target has ``masks`` [G, H, W] (uint8, bool or float 0/1, the image's size), and the losses
       ``loss_mask`` too.
 
-    Options: :class:`FasterRCNN`'s; the mask head's convolutions have ``width`` channels.
+    Options: :class:`FasterRCNN`'s, and ``mask_width`` (default 32), the mask head's channels.
     """
 
     mask_size = 14  # RoIAlign output; the predicted masks are twice as large
 
     def _build_extra(self) -> None:
-        width, k = self.options["width"], self.num_classes
+        width, k = self.options["mask_width"], self.num_classes
         self.mask_roi_pool = self._ops.multi_scale_roi_align(
             ["0", "1", "2"], self.mask_size, 2, canonical_scale=self.options["canonical_scale"]
         )
-        self.mask_head = nn.Sequential(*(m for _ in range(4) for m in (nn.Conv2d(width, width, 3, 1, 1), nn.ReLU())))
+        chans = [self.options["width"]] + [width] * 4
+        self.mask_head = nn.Sequential(*(m for i in range(4) for m in (nn.Conv2d(chans[i], width, 3, 1, 1), nn.ReLU())))
         self.mask_upsample = nn.ConvTranspose2d(width, width, 2, 2)
         self.mask_logits = nn.Conv2d(width, k, 1)
 

@@ -329,6 +329,7 @@ _DEFAULTS = dict(
     box_batch_size_per_image=128,
     box_positive_fraction=0.25,
     canonical_scale=112,
+    mask_width=32,
 )
 
 
@@ -336,7 +337,7 @@ class _TwoStage(nn.Module):
     """What Fast and Faster R-CNN share: options, normalisation, backbone + FPN, the box head, initialisation."""
 
     size_divisible = 32
-    _extra_level = True
+    _finest_only = False
 
     def __init__(self, num_classes: int, backend: str, generator: Optional[torch.Generator], options: dict) -> None:
         super().__init__()
@@ -350,7 +351,7 @@ class _TwoStage(nn.Module):
         self.options = o = {**_DEFAULTS, **options}
         self.num_classes, width = num_classes, o["width"]
         self.backbone = Backbone()
-        self.fpn = FPN((64, 96, 128), width, extra_level=self._extra_level)
+        self.fpn = FPN((64, 96, 128), width, finest_only=self._finest_only)
         self.roi_heads = RoIHeads(self._ops, width * 49, o["representation_size"], num_classes, o)
         self.register_buffer("image_mean", torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1), persistent=False)
@@ -415,7 +416,7 @@ class FastRCNN(_TwoStage):
     initial weights and the proposal samples.
     """
 
-    _extra_level = False
+    _finest_only = True
 
     def __init__(
         self, num_classes: int, *, backend: str = "visionops", generator: Optional[torch.Generator] = None, **options
