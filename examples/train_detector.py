@@ -39,20 +39,24 @@ class Settings(NamedTuple):
 SETTINGS: Dict[str, Settings] = {
     "faster_rcnn": Settings(
         lambda backend, g: detection.FasterRCNN(NUM_CLASSES, backend=backend, generator=g),
-        steps=700,
+        steps=1500,
         batch=8,
         lr=2e-3,
         train_images=800,
     ),
     "mask_rcnn": Settings(
         lambda backend, g: detection.MaskRCNN(NUM_CLASSES, backend=backend, generator=g, box_batch_size_per_image=64),
-        steps=300,
+        steps=1000,
         batch=8,
         lr=2e-3,
-        train_images=600,
+        train_images=800,
     ),
     "ssd": Settings(
-        lambda backend, g: detection.SSD(NUM_CLASSES, backend=backend), steps=1500, batch=16, lr=2e-3, train_images=800
+        lambda backend, g: detection.SSD(NUM_CLASSES, backend=backend, generator=g),
+        steps=1500,
+        batch=16,
+        lr=2e-3,
+        train_images=800,
     ),
 }
 
