@@ -50,7 +50,7 @@ def timed(model, images, repeats: int = 10):
 
 
 def draw(images, outputs, targets, score: float, path: str) -> None:
-    fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(images), figsize=(4 * len(images), 4.2), squeeze=False)
     for ax, img, out, tgt in zip(axes[0], images, outputs, targets):
         ax.imshow(img.permute(1, 2, 0).numpy())
         for x1, y1, x2, y2 in tgt["boxes"].tolist():
@@ -65,7 +65,8 @@ def draw(images, outputs, targets, score: float, path: str) -> None:
                 ax.imshow(overlay.numpy())
             x1, y1, x2, y2 = out["boxes"][i].tolist()
             ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colour, lw=1.5))
-            ax.text(x1, y1 - 1, f"{SHAPE_CLASSES[label]} {float(out['scores'][i]):.2f}", color=colour, fontsize=7)
+            text = f"{SHAPE_CLASSES[label]} {float(out['scores'][i]):.2f}"
+            ax.text(x1, y1 - 2, text, color=colour, fontsize=8, bbox=dict(fc="black", alpha=0.6, pad=1, lw=0))
         ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -80,7 +81,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7, help="seed of the generated images")
     parser.add_argument("--score", type=float, default=0.5, help="draw detections scoring at least this")
     parser.add_argument("--out", default="detect.png")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     images, targets = data.shapes_detection(args.images, generator=torch.Generator().manual_seed(10_000 + args.seed))
     results = {b: timed(build(args.masks, b, args.weights), images) for b in ("visionops", "pytorch")}
