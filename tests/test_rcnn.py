@@ -17,7 +17,8 @@ SMALL = dict(width=32, representation_size=64, mask_width=16, box_batch_size_per
 
 
 def _model(cls, backend: str, seed: int = 0, **options):
-    return cls(NUM_CLASSES, backend=backend, generator=torch.Generator().manual_seed(seed), **{**SMALL, **options})
+    small = {k: v for k, v in SMALL.items() if k in cls.option_names()}
+    return cls(NUM_CLASSES, backend=backend, generator=torch.Generator().manual_seed(seed), **small, **options)
 
 
 def _lively(model, seed: int = 3):
@@ -196,6 +197,18 @@ def test_no_detections_and_empty_proposals(cls):
         assert out[0]["masks"].shape == (0, 1, 64, 64)
 
 
+def test_pytorch_backend_runs_nothing_of_visionops(shapes):
+    images, targets = shapes
+    model = _lively(_model(MaskRCNN, "pytorch"))
+    with torch.profiler.profile() as prof:
+        sum(model.train()(images, targets).values()).backward()
+        with torch.no_grad():
+            model.eval()(images)
+    names = {e.name for e in prof.events()}
+    assert "torchvision::roi_align" in names and "torchvision::nms" in names
+    assert not [n for n in names if "visionops" in n]
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="backend"):
         FasterRCNN(4, backend="cuda")
@@ -203,6 +216,10 @@ def test_bad_inputs():
         MaskRCNN(1)
     with pytest.raises(TypeError, match="unknown options"):
         FasterRCNN(4, widht=32)
+    with pytest.raises(TypeError, match="unknown options"):
+        FasterRCNN(4, mask_width=32)  # Mask R-CNN's
+    with pytest.raises(TypeError, match="unknown options"):
+        FastRCNN(4, rpn_nms_thresh=0.5)  # no RPN
     model = _model(FasterRCNN, "visionops")
     with pytest.raises(ValueError, match="images"):
         model.eval()(torch.rand(2, 1, 64, 64))

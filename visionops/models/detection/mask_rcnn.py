@@ -51,6 +51,7 @@ class MaskRCNN(FasterRCNN):
     """
 
     mask_size = 14  # RoIAlign output; the predicted masks are twice as large
+    _without = ()
 
     def _build_extra(self) -> None:
         width, k = self.options["mask_width"], self.num_classes

@@ -34,7 +34,7 @@ from visionops.models.detection.common import (
     sample_balanced,
 )
 
-__all__ = ["FastRCNN", "FasterRCNN", "jittered_proposals"]
+__all__ = ["DEFAULT_OPTIONS", "FastRCNN", "FasterRCNN", "jittered_proposals"]
 
 _RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # torchvision's box coder weights: RPN and box head
 _BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -251,7 +251,9 @@ class RPN(nn.Module):
         grid = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
         strides = [(padded[0] // gh, padded[1] // gw) for gh, gw in grid]
         anchors = torch.cat(self.anchor_generator.grid_anchors(grid, strides)).to(deltas.dtype)
-        levels = torch.repeat_interleave(torch.arange(len(per_level), device=deltas.device), torch.tensor(per_level))
+        levels = torch.repeat_interleave(
+            torch.arange(len(per_level), device=deltas.device), torch.tensor(per_level, device=deltas.device)
+        )
         mode = "train" if self.training else "test"
         pre, post = self.o[f"rpn_pre_nms_top_n_{mode}"], self.o[f"rpn_post_nms_top_n_{mode}"]
         proposals = []
@@ -307,7 +309,9 @@ def _starts(counts: List[int]) -> List[int]:
 
 # ---- the networks ----------------------------------------------------------------------------------------------------
 
-_DEFAULTS = dict(
+# torchvision's FasterRCNN defaults, scaled to small images: anchors 16-128 px on strides 8-64, fewer proposals
+# (images of ~128x128 have ~1000 anchors) and 128 sampled RoIs per image (a few objects each)
+DEFAULT_OPTIONS = dict(
     width=64,
     representation_size=256,
     anchor_sizes=((16,), (32,), (64,), (128,)),
@@ -338,6 +342,12 @@ class _TwoStage(nn.Module):
 
     size_divisible = 32
     _finest_only = False
+    _without = ("mask_",)  # prefixes of the options this network has no part for
+
+    @classmethod
+    def option_names(cls) -> set:
+        """The keyword options this network takes (defaults: ``rcnn.DEFAULT_OPTIONS``)."""
+        return {k for k in DEFAULT_OPTIONS if not k.startswith(cls._without)}
 
     def __init__(self, num_classes: int, backend: str, generator: Optional[torch.Generator], options: dict) -> None:
         super().__init__()
@@ -345,10 +355,10 @@ class _TwoStage(nn.Module):
             raise ValueError(f"num_classes must be an int >= 2 (background included), got {num_classes!r}")
         self.backend = check_backend(backend)
         self._ops = _OPS[backend]
-        unknown = set(options) - set(_DEFAULTS)
+        unknown = set(options) - self.option_names()
         if unknown:
-            raise TypeError(f"unknown options: {sorted(unknown)}")
-        self.options = o = {**_DEFAULTS, **options}
+            raise TypeError(f"unknown options for {type(self).__name__}: {sorted(unknown)}")
+        self.options = o = {**DEFAULT_OPTIONS, **options}
         self.num_classes, width = num_classes, o["width"]
         self.backbone = Backbone()
         self.fpn = FPN((64, 96, 128), width, finest_only=self._finest_only)
@@ -417,6 +427,7 @@ class FastRCNN(_TwoStage):
     """
 
     _finest_only = True
+    _without = ("mask_", "rpn_", "anchor_", "aspect_", "canonical_")
 
     def __init__(
         self, num_classes: int, *, backend: str = "visionops", generator: Optional[torch.Generator] = None, **options
@@ -461,7 +472,7 @@ class FasterRCNN(_TwoStage):
     padded at the bottom and right to a multiple of 32 (no resizing). The backbone is a five-stage convolutional net;
     the FPN gives P3-P6 (strides 8-64; ``width`` channels) to the RPN, one anchor size per level
     (``anchor_sizes``, ``aspect_ratios``), and P3-P5 to a 7x7 ``MultiScaleRoIAlign`` (a box of side
-    ``canonical_scale`` reads P4). Options (keyword; defaults in ``rcnn._DEFAULTS``) are torchvision's
+    ``canonical_scale`` reads P4). Options (keyword; defaults in ``rcnn.DEFAULT_OPTIONS``) are torchvision's
     ``FasterRCNN`` arguments of the same names, with ``rpn_*_top_n_*`` per level before NMS and per image after.
     ``generator`` draws the initial weights and, in training, the anchor and proposal samples.
     """
