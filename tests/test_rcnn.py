@@ -195,6 +195,8 @@ def test_no_detections_and_empty_proposals(cls):
     assert out[0]["boxes"].shape == (0, 4) and out[0]["scores"].shape == (0,) and out[0]["labels"].shape == (0,)
     if cls is MaskRCNN:
         assert out[0]["masks"].shape == (0, 1, 64, 64)
+    kwargs = {"proposals": []} if cls is FastRCNN else {}
+    assert model([], **kwargs) == [] and model(torch.rand(0, 3, 64, 64), **kwargs) == []
 
 
 def test_pytorch_backend_runs_nothing_of_visionops(shapes):

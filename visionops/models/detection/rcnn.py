@@ -442,6 +442,8 @@ class FastRCNN(_TwoStage):
         *,
         proposals: Optional[List[Tensor]] = None,
     ):
+        if not self.training and isinstance(images, (Tensor, list, tuple)) and len(images) == 0:
+            return []
         x, sizes = self._prepare(images, targets)
         if not isinstance(proposals, (list, tuple)) or len(proposals) != len(sizes):
             raise ValueError(f"proposals must be a list of one Tensor[K, 4] per image ({len(sizes)} images)")
@@ -491,6 +493,8 @@ class FasterRCNN(_TwoStage):
         pass
 
     def forward(self, images: Union[Tensor, List[Tensor]], targets: Optional[List[Dict[str, Tensor]]] = None):
+        if not self.training and isinstance(images, (Tensor, list, tuple)) and len(images) == 0:
+            return []
         x, sizes = self._prepare(images, targets, masks=hasattr(self, "mask_head"))
         feats = self.fpn(self.backbone(x))
         fmaps = {str(i): f for i, f in enumerate(feats[:3])}
