@@ -32,20 +32,73 @@ def shapes_detection(
     num_classes: int = 3,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Tensor, List[dict]]:
-    """A toy detection set: images [N, 3, H, W] with filled rectangles on noise, and torchvision-style targets
-    (``{"boxes": Tensor[K, 4], "labels": Tensor[K] in 1..num_classes}`` per image; class c paints channel c % 3)."""
-    if num_images < 0 or max_objects < 1 or num_classes < 1:
-        raise ValueError("num_images must be >= 0, max_objects and num_classes >= 1")
+    """A toy detection and instance-segmentation set: images float32 [N, 3, H, W] in 0..1 and torchvision-style
+    targets, one ``{"boxes": float32 [K, 4], "labels": int64 [K], "masks": uint8 [K, H, W]}`` per image.
+
+    Each image is a mid-grey blocky colour texture with fine noise and clutter (a few thin bars of random colour),
+    under 1 to ``max_objects`` shapes of random kind (the label: 1 disc, 2 square, 3 triangle, as
+    :data:`SHAPE_CLASSES`; ``num_classes`` < 3 keeps the first kinds), size (circumradius 7-22 % of the shorter
+    side), rotation and saturated colour with a fine texture of their own. Shapes may overlap: a later shape is drawn
+    over the earlier ones, whose ``masks`` keep only their visible pixels and whose ``boxes`` (x1, y1, x2, y2, pixel
+    edges) are the tight boxes of those pixels; a shape that would hide more than half of an earlier one is not
+    drawn."""
+    if num_images < 0 or max_objects < 1 or not 1 <= num_classes <= 3:
+        raise ValueError(
+            f"need num_images >= 0, max_objects >= 1 and 1 <= num_classes <= 3, got {num_images}, {max_objects}, "
+            f"{num_classes}"
+        )
     h, w = image_size
-    images = torch.rand(num_images, 3, h, w, generator=generator) * 0.1
+    if min(h, w) < 16:
+        raise ValueError(f"image_size must be at least 16x16, got {tuple(image_size)}")
+    g = generator
+    side = max(h, w)
+
+    def u(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+    images = torch.empty(num_images, 3, h, w)
     targets = []
     for i in range(num_images):
-        k = int(torch.randint(1, max_objects + 1, (1,), generator=generator))
-        boxes = random_boxes(k, image_size, min_size=max(4.0, min(h, w) / 8), generator=generator)
-        labels = torch.randint(1, num_classes + 1, (k,), generator=generator)
-        for (x1, y1, x2, y2), c in zip(boxes.round().long().tolist(), labels.tolist()):
-            images[i, c % 3, y1:y2, x1:x2] = 1.0
-        targets.append({"boxes": boxes, "labels": labels})
+        cells = int(torch.randint(4, 13, (1,), generator=g))
+        img = 0.35 + 0.3 * _texture(side, cells, g)[:, :h, :w]
+        for _ in range(int(torch.randint(2, 7, (1,), generator=g))):  # clutter: thin bars, never shape-like
+            long, thin = u(0.15, 0.5) * min(h, w), u(1.0, 3.0)
+            bw, bh = (long, thin) if u(0, 1) < 0.5 else (thin, long)
+            x0, y0 = int(u(0, w - bw)), int(u(0, h - bh))
+            colour = torch.rand(3, 1, 1, generator=g)
+            img[:, y0 : y0 + max(1, round(bh)), x0 : x0 + max(1, round(bw))] = colour
+        full: List[Tensor] = []
+        visible: List[Tensor] = []
+        labels: List[int] = []
+        for _ in range(int(torch.randint(1, max_objects + 1, (1,), generator=g))):
+            kind = int(torch.randint(1, num_classes + 1, (1,), generator=g))
+            r = min(h, w) * u(0.07, 0.22)
+            cx, cy = u(r, w - r), u(r, h - r)
+            mask = _shape_mask(kind, cx, cy, r, u(0, 2 * math.pi), side)[:h, :w]
+            # each channel dark or bright, never the background's mid grey
+            colour = torch.where(torch.rand(3, generator=g) < 0.5, 0.0, 0.8) + 0.2 * torch.rand(3, generator=g)
+            fill = colour[:, None, None] + 0.1 * (torch.rand(1, h, w, generator=g) - 0.5)
+            if not mask.any() or any(int((v & ~mask).sum()) * 2 < int(f.sum()) for f, v in zip(full, visible)):
+                continue
+            visible = [v & ~mask for v in visible]
+            full.append(mask)
+            visible.append(mask)
+            labels.append(kind)
+            img = torch.where(mask, fill, img)
+        images[i] = (img + 0.03 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+        masks = torch.stack(visible)
+        rows, cols = masks.any(2), masks.any(1)
+        ar_h, ar_w = torch.arange(h), torch.arange(w)
+        boxes = torch.stack(
+            [
+                torch.where(cols, ar_w, w).min(1).values,
+                torch.where(rows, ar_h, h).min(1).values,
+                torch.where(cols, ar_w, -1).max(1).values + 1,
+                torch.where(rows, ar_h, -1).max(1).values + 1,
+            ],
+            1,
+        ).float()
+        targets.append({"boxes": boxes, "labels": torch.tensor(labels), "masks": masks.to(torch.uint8)})
     return images, targets
 
 

@@ -3,7 +3,8 @@ a SiamFC training step (visionops.models.siamfc) on visionops' xcorr against the
 DeepLab v3 (visionops.models.segmentation) and C3D (visionops.models.video) on visionops' conv2d / conv3d against the
 same nets on F.conv2d / F.conv3d, forward alone (eval mode) and forward + backward (training mode); RetinaNet
 (visionops.models.detection) in eval mode with its fixed-shape post-processing (multiclass_nms) against the same net
-on torchvision's ops and the per-image NMS loop.
+on torchvision's ops and the per-image NMS loop; Fast, Faster and Mask R-CNN (visionops.models.detection) in eval
+mode and for a training step (forward, losses, backward) against the same nets on torchvision's ops.
 
 Most of the time is the backbone, which visionops does not touch; the ratio shows what the routed ops save end to end.
 """
@@ -182,6 +183,96 @@ def _c3d(batch, frames, size, train):
     )
 
 
+def _rcnn(kind: str, batch: int, size: int, train: bool):
+    """A two-stage detector's visionops and pytorch backends on the same weights (classifier weights spread so that
+    scores differ as a trained model's), the same generated images (and, for Fast R-CNN, jittered proposals): eval
+    detections, or a training step's forward + backward returning the loss and the first layer's weight gradient."""
+
+    def make(device):
+        from visionops.models import data, detection
+
+        cls = {"fast": detection.FastRCNN, "faster": detection.FasterRCNN, "mask": detection.MaskRCNN}[kind]
+        images, targets = data.shapes_detection(batch, (size, size), generator=torch.Generator().manual_seed(2))
+        proposals = detection.jittered_proposals(targets, [(size, size)] * batch, generator=torch.Generator())
+        images, proposals = images.to(device), [p.to(device) for p in proposals]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        nets = {}
+        for b in ("visionops", "pytorch"):
+            net = cls(4, backend=b, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                net.roi_heads.cls_score.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+            nets[b] = net.to(device).train(train)
+        extra = {"proposals": proposals} if kind == "fast" else {}
+
+        def step(net):
+            if not train:
+
+                @torch.no_grad()
+                def forward():
+                    return net(images, **extra)
+
+                return forward
+
+            first = next(net.parameters())
+
+            def run():
+                net.zero_grad(set_to_none=True)
+                loss = sum(net(images, targets, **extra).values())
+                loss.backward()
+                return torch.cat([loss.detach().reshape(1), first.grad.flatten()])
+
+            return run
+
+        def check(ours, base):
+            if train:
+                torch.testing.assert_close(ours[0], base[0], rtol=1e-3, atol=1e-4)
+                err = (ours[1:] - base[1:]).norm() / base[1:].norm()
+                assert err < 1e-2, f"first layer's weight gradient: relative error {err:.2e}"
+                return
+            for a, b in zip(ours, base):
+                assert len(a["boxes"]) == len(b["boxes"])
+                torch.testing.assert_close(a["scores"].sort().values, b["scores"].sort().values, atol=1e-4, rtol=1e-3)
+
+        return step(nets["visionops"]), step(nets["pytorch"]), check
+
+    return make
+
+
+def _rcnn_cases():
+    cases = []
+    for kind in ("fast", "faster", "mask"):
+        for train in (False, True):
+            for batch, size, quick in ((2, 64, True), (8, 128, False)):
+                name = f"{kind}_rcnn_{'train_step' if train else 'eval'}"
+                what = ("fwd+bwd" if train else "eval") + (", given proposals" if kind == "fast" else "")
+                make = _rcnn(kind, batch, size, train)
+                cases.append(
+                    Case(name, f"{what}, B{batch} {size}x{size}", make, baseline="torchvision ops", quick=quick)
+                )
+    return cases
+
+
+CASES = [
+    Case(
+        f"{kind}_rcnn_{'train_step' if train else 'eval'}",
+        f"{label}, B{batch} {size}x{size}",
+        make,
+        baseline=base,
+        quick=quick,
+    )
+    for kind in ("fast", "faster", "mask")
+    for train in (False, True)
+    for batch, size, quick in ((2, 64, True), (8, 128, False))
+    for label, base, make in [
+        (
+            ("fwd+bwd" if train else "eval") + (", given proposals" if kind == "fast" else ""),
+            "torchvision ops",
+            _rcnn(kind, batch, size, train),
+        )
+    ]
+]
+
+
 CASES = [
     Case(
         "fasterrcnn_e2e",
@@ -206,4 +297,4 @@ CASES = [
     Case("deeplab_train_step", "DeepLab v3 w32 OS8, B4 128x128, fwd+bwd", _deeplab(4, 128, True), baseline="F.conv2d"),
     Case("c3d_forward", "C3D width 1/4, B4 16x56x56 clips, eval", _c3d(4, 16, 56, False), baseline="F.conv3d"),
     Case("c3d_train_step", "C3D width 1/4, B4 16x56x56 clips, fwd+bwd", _c3d(4, 16, 56, True), baseline="F.conv3d"),
-]
+] + _rcnn_cases()

@@ -3,11 +3,16 @@
 One module per network, sharing ``common.py`` (the tiny backbone, the FPN, the anchor matcher):
 
 * ``retinanet``  RetinaNet (Lin et al. 2017)
+* ``rcnn``       Fast R-CNN (Girshick 2015) and Faster R-CNN (Ren et al. 2015)
+* ``mask_rcnn``  Mask R-CNN (He et al. 2017)
 
 Conventions: visionops/models/README.md.
 """
 
 from visionops.models.detection.common import FPN, Backbone, match_anchors
 from visionops.models.detection.retinanet import RetinaNet, retinanet_anchor_sizes
+from visionops.models.detection.rcnn import FasterRCNN, FastRCNN, jittered_proposals
+from visionops.models.detection.mask_rcnn import MaskRCNN
 
 __all__ = ["FPN", "Backbone", "RetinaNet", "match_anchors", "retinanet_anchor_sizes"]
+__all__ += ["FastRCNN", "FasterRCNN", "MaskRCNN", "jittered_proposals"]

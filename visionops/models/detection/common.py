@@ -3,13 +3,21 @@
 Conventions: visionops/models/README.md.
 """
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BELOW_LOW_THRESHOLD", "BETWEEN_THRESHOLDS", "FPN", "Backbone", "match_anchors"]
+__all__ = [
+    "BELOW_LOW_THRESHOLD",
+    "BETWEEN_THRESHOLDS",
+    "FPN",
+    "Backbone",
+    "batch_images",
+    "match_anchors",
+    "sample_balanced",
+]
 
 
 # ---- matching ----------------------------------------------------------------------------------------------------
@@ -32,6 +40,47 @@ def match_anchors(iou: Tensor, high: float = 0.5, low: float = 0.4, allow_low_qu
         anchors_of_best = (iou == best_per_gt).nonzero()[:, 1]
         matches[anchors_of_best] = all_matches[anchors_of_best]
     return matches
+
+
+def sample_balanced(
+    labels: Tensor, batch_size: int, positive_fraction: float, generator: Optional[torch.Generator]
+) -> Tuple[Tensor, Tensor]:
+    """torchvision's ``BalancedPositiveNegativeSampler`` for one image, drawing from ``generator`` (a CPU generator)
+    instead of the global RNG: indices of up to ``batch_size * positive_fraction`` positives (label >= 1) and of
+    negatives (label 0) filling the rest of ``batch_size``, each a random subset; labels -1 are ignored."""
+    positive = (labels >= 1).nonzero().squeeze(1)
+    negative = (labels == 0).nonzero().squeeze(1)
+    num_pos = min(positive.numel(), int(batch_size * positive_fraction))
+    num_neg = min(negative.numel(), batch_size - num_pos)
+    pos = torch.randperm(positive.numel(), generator=generator)[:num_pos].to(labels.device)
+    neg = torch.randperm(negative.numel(), generator=generator)[:num_neg].to(labels.device)
+    return positive[pos], negative[neg]
+
+
+def batch_images(
+    images: Union[Tensor, List[Tensor]], mean: Tensor, std: Tensor, size_divisible: int
+) -> Tuple[Tensor, List[Tuple[int, int]]]:
+    """Images normalised with ``mean`` / ``std`` [3, 1, 1] and padded at the bottom and right into one tensor
+    [B, 3, H, W] (H, W multiples of ``size_divisible``), and each image's own (H, W); no resizing."""
+    if any(not i.is_floating_point() for i in images if isinstance(i, Tensor)):
+        raise TypeError("images must be floating point (0..1)")
+    if isinstance(images, Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a tensor [B, 3, H, W] or a list of [3, H, W], got {list(images.shape)}")
+        x = (images - mean) / std
+        sizes = [(int(images.shape[-2]), int(images.shape[-1]))] * len(images)
+    else:
+        if not isinstance(images, (list, tuple)) or not all(isinstance(i, Tensor) and i.dim() == 3 for i in images):
+            raise TypeError("images must be a tensor [B, 3, H, W] or a list of tensors [3, H, W]")
+        if not images or any(i.shape[0] != 3 for i in images):
+            raise ValueError("images must be a non-empty list of tensors [3, H, W]")
+        sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+        h, w = (max(s[d] for s in sizes) for d in (0, 1))
+        x = images[0].new_zeros(len(images), 3, h, w)
+        for i, img in enumerate(images):
+            x[i, :, : img.shape[1], : img.shape[2]] = (img - mean) / std
+    d = size_divisible
+    return F.pad(x, (0, -x.shape[-1] % d, 0, -x.shape[-2] % d)), sizes
 
 
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -58,17 +107,20 @@ class FPN(nn.Module):
     """torchvision's FeaturePyramidNetwork (1x1 laterals, nearest top-down, 3x3 outputs) plus P6 from P5 (its
     ``LastLevelP6P7`` with one extra level)."""
 
-    def __init__(self, in_channels: Sequence[int], width: int) -> None:
+    def __init__(self, in_channels: Sequence[int], width: int, finest_only: bool = False) -> None:
         super().__init__()
         self.inner = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
-        self.layer = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in in_channels)
-        self.p6 = nn.Conv2d(width, width, 3, 2, 1)
+        # finest_only: P3 alone (one feature map, as Fast R-CNN's), no output convolutions left unused
+        outputs = 1 if finest_only else len(in_channels)
+        self.layer = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(outputs))
+        self.p6 = None if finest_only else nn.Conv2d(width, width, 3, 2, 1)
 
     def forward(self, feats: List[Tensor]) -> List[Tensor]:
         last = self.inner[-1](feats[-1])
-        outs = [self.layer[-1](last)]
+        merged = [last]
         for i in range(len(feats) - 2, -1, -1):
             lateral = self.inner[i](feats[i])
             last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
-            outs.insert(0, self.layer[i](last))
-        return outs + [self.p6(outs[-1])]
+            merged.insert(0, last)
+        outs = [layer(m) for layer, m in zip(self.layer, merged)]
+        return outs if self.p6 is None else outs + [self.p6(outs[-1])]
