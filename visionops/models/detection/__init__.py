@@ -3,11 +3,13 @@
 One module per network, sharing ``common.py`` (the tiny backbone, the FPN, the anchor matcher):
 
 * ``retinanet``  RetinaNet (Lin et al. 2017)
+* ``ssd``        SSD (Liu et al. 2016)
 
 Conventions: visionops/models/README.md.
 """
 
 from visionops.models.detection.common import FPN, Backbone, match_anchors
 from visionops.models.detection.retinanet import RetinaNet, retinanet_anchor_sizes
+from visionops.models.detection.ssd import SSD
 
-__all__ = ["FPN", "Backbone", "RetinaNet", "match_anchors", "retinanet_anchor_sizes"]
+__all__ = ["FPN", "SSD", "Backbone", "RetinaNet", "match_anchors", "retinanet_anchor_sizes"]
