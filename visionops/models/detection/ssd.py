@@ -120,14 +120,16 @@ class ScoringHead(nn.Module):
         self.module_list = nn.ModuleList(
             nn.Conv2d(c, a * per_anchor, 3, padding=1) for c, a in zip(in_channels, num_anchors)
         )
-        self.per_anchor = per_anchor
+        self.num_anchors, self.per_anchor = list(num_anchors), per_anchor
 
     def forward(self, feats: List[Tensor]) -> Tensor:
         outs = []
-        for conv, f in zip(self.module_list, feats):
+        for conv, a, f in zip(self.module_list, self.num_anchors, feats):
             y = conv(f)
             b, _, h, w = y.shape
-            outs.append(y.view(b, -1, self.per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, self.per_anchor))
+            outs.append(
+                y.view(b, a, self.per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(b, h * w * a, self.per_anchor)
+            )
         return torch.cat(outs, 1)
 
 
@@ -294,6 +296,8 @@ class SSD(nn.Module):
         elif isinstance(images, (list, tuple)) and len(images) == 0:
             return []
         x, sizes = self._batch(images)
+        if not self.training and not sizes:
+            return []
         logits, deltas, boxes = self._head_outputs(x)
         if self.training:
             return self.loss(logits, deltas, boxes, targets)
