@@ -239,6 +239,8 @@ def test_empty_and_bad_inputs():
         SSD(1)
     with pytest.raises(ValueError, match="aspect_ratios"):
         SSD(4, aspect_ratios=[[2.0]] * 3)
+    with pytest.raises(ValueError, match="scales"):
+        SSD(4, backend="pytorch", scales=[0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="images"):
         model(torch.rand(2, 1, 64, 64))
     with pytest.raises(ValueError, match="images"):

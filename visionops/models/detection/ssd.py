@@ -204,6 +204,8 @@ class SSD(nn.Module):
         if len(aspect_ratios) != num_maps:
             raise ValueError(f"aspect_ratios must have one list per feature map ({num_maps}), got {len(aspect_ratios)}")
         scales = None if scales is None else [float(s) for s in scales]
+        if scales is not None and len(scales) != num_maps + 1:
+            raise ValueError(f"scales must have one more entry than feature maps ({num_maps + 1}), got {len(scales)}")
         self.anchor_generator = self._ops.default_boxes(aspect_ratios, min_ratio, max_ratio, scales)
         self.backbone = Backbone(widths)
         width = widths[-1]
