@@ -1,12 +1,14 @@
 """visionops.models.detection.SSD: torchvision's SSDMatcher, hard-negative mining and losses, the two backends
 compared (detections in float32; losses, gradients and a few optimiser steps in float64), training on generated data
-with both backends, eval and fixed-shape outputs, list and batched inputs, empty targets and bad inputs."""
+with both backends, eval and fixed-shape outputs (the latter under torch.compile(fullgraph=True)), list and batched
+inputs, empty targets and bad inputs."""
 
 import types
 
 import pytest
 import torch
 import torchvision
+from torch._dynamo.testing import CompileCounterWithBackend
 from torchvision.models.detection import _utils as tv_det_utils
 from torchvision.models.detection.ssd import SSD as TVSSD
 
@@ -192,6 +194,22 @@ def test_list_batched_and_fixed_shape_inputs_agree(backend):
     a, b = model(list(images), targets), model(images, targets)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
+
+
+def test_fixed_shape_compiles_fullgraph():
+    model = _lively(_model("visionops", score_threshold=0.3, max_total=40)).eval()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model.detect, fullgraph=True, backend=counter)  # a graph break (a host sync) raises
+    for n in (2, 3):
+        images, _ = _shapes(n, seed=n)
+        torch._dynamo.mark_dynamic(images, 0)
+        with torch.no_grad():
+            expected = model(images, fixed_shape=True)
+            got = compiled(images)
+        assert int(expected[3].min()) > 0
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1  # one graph serves both batch sizes
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -245,13 +245,15 @@ class SSD(nn.Module):
 
     # -- shared stages ------------------------------------------------------------------------------------------------
 
+    def _normalise(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor [B, 3, H, W], got {images.dtype} {list(images.shape)}")
+        return (images - self.image_mean) / self.image_std
+
     def _batch(self, images: Union[Tensor, List[Tensor]]) -> Tuple[Tensor, List[Tuple[int, int]]]:
         """Normalised images as one tensor [B, 3, H, W] (padded to the largest), and each image's own (H, W)."""
         if isinstance(images, Tensor):
-            if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-                raise ValueError(f"images must be a float tensor [B, 3, H, W], got {images.dtype} {list(images.shape)}")
-            sizes = [(int(images.shape[-2]), int(images.shape[-1]))] * len(images)
-            return (images - self.image_mean) / self.image_std, sizes
+            return self._normalise(images), [(int(images.shape[-2]), int(images.shape[-1]))] * len(images)
         if not isinstance(images, (list, tuple)) or not all(
             isinstance(i, Tensor) and i.dim() == 3 and i.shape[0] == 3 and i.is_floating_point() for i in images
         ):
@@ -320,7 +322,7 @@ class SSD(nn.Module):
     def detect(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """The fixed-shape forward (``fixed_shape=True``) of a batch [B, 3, H, W]: boxes [B, max_total, 4], scores
         [B, max_total], labels [B, max_total] (-1 past the detections), num_detections [B]; no host sync."""
-        x, _ = self._batch(images)
+        x = self._normalise(images)  # not _batch: its per-image list would pin the batch size under torch.compile
         logits, deltas, boxes = self._head_outputs(x)
         b, n = deltas.shape[:2]
         flat = boxes.unsqueeze(0).expand(b, n, 4).reshape(-1, 4)
