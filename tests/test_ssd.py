@@ -271,6 +271,8 @@ def test_empty_and_bad_inputs():
         model(image)
     with pytest.raises(ValueError, match="targets"):
         model(image + image, [_empty_target()])
+    with pytest.raises(ValueError, match="images"):
+        model([], [])
     with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\]"):
         model(image, [{"boxes": torch.zeros(2, 5), "labels": torch.ones(2, dtype=torch.int64)}])
     with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\]"):

@@ -335,6 +335,8 @@ class SSD(nn.Module):
         n = len(images) if isinstance(images, (Tensor, list, tuple)) else -1
         if not isinstance(targets, (list, tuple)) or len(targets) != n:
             raise ValueError("training mode needs targets: a list of one dict {boxes, labels} per image")
+        if n == 0:
+            raise ValueError("images must hold at least one image in training mode")
         for i, t in enumerate(targets):
             if not isinstance(t, dict):
                 raise ValueError(f"targets[{i}] must be a dict {{boxes, labels}}, got {type(t).__name__}")
