@@ -4,7 +4,8 @@ DeepLab v3 (visionops.models.segmentation) and C3D (visionops.models.video) on v
 same nets on F.conv2d / F.conv3d, forward alone (eval mode) and forward + backward (training mode); RetinaNet
 (visionops.models.detection) in eval mode with its fixed-shape post-processing (multiclass_nms) against the same net
 on torchvision's ops and the per-image NMS loop; Fast, Faster and Mask R-CNN (visionops.models.detection) in eval
-mode and for a training step (forward, losses, backward) against the same nets on torchvision's ops.
+mode and for a training step (forward, losses, backward) against the same nets on torchvision's ops; SSD likewise,
+its eval with the fixed-shape post-processing against the per-image NMS loop.
 
 Most of the time is the backbone, which visionops does not touch; the ratio shows what the routed ops save end to end.
 """
@@ -252,25 +253,60 @@ def _rcnn_cases():
     return cases
 
 
-CASES = [
-    Case(
-        f"{kind}_rcnn_{'train_step' if train else 'eval'}",
-        f"{label}, B{batch} {size}x{size}",
-        make,
-        baseline=base,
-        quick=quick,
-    )
-    for kind in ("fast", "faster", "mask")
-    for train in (False, True)
-    for batch, size, quick in ((2, 64, True), (8, 128, False))
-    for label, base, make in [
-        (
-            ("fwd+bwd" if train else "eval") + (", given proposals" if kind == "fast" else ""),
-            "torchvision ops",
-            _rcnn(kind, batch, size, train),
-        )
-    ]
-]
+# ---- SSD ------------------------------------------------------------------------------------------------------------
+
+
+def _ssd(batch, size, train):
+    """SSD (visionops.models.detection) with 21 classes on generated shapes: eval with the fixed-shape
+    post-processing (multiclass_nms against the per-image batched_nms loop), or a training step (matching, box
+    coding, hard-negative mining, forward and backward) returning the loss and the first layer's weight gradient."""
+
+    def make(device):
+        from visionops.models import data
+        from visionops.models.detection import SSD
+
+        images, targets = data.shapes_detection(batch, (size, size), generator=torch.Generator().manual_seed(2))
+        images = images.to(device)
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        nets = {
+            b: SSD(21, backend=b, generator=torch.Generator().manual_seed(0)).train(train).to(device)
+            for b in ("visionops", "pytorch")
+        }
+
+        def step(net):
+            if not train:
+
+                @torch.no_grad()
+                def forward():
+                    return net(images, fixed_shape=True)
+
+                return forward
+
+            first = next(net.parameters())
+
+            def run():
+                net.zero_grad(set_to_none=True)
+                loss = sum(net(images, targets).values())
+                loss.backward()
+                return torch.cat([loss.detach().reshape(1), first.grad.flatten()])
+
+            return run
+
+        def check(ours, base):
+            if not train:
+                assert torch.equal(ours[3], base[3])
+                torch.testing.assert_close(ours[1], base[1], atol=1e-4, rtol=1e-3)
+                return
+            torch.testing.assert_close(ours[0], base[0], rtol=1e-4, atol=1e-5)
+            err = (ours[1:] - base[1:]).norm() / base[1:].norm()
+            assert err < 1e-3, f"first layer's weight gradient: relative error {err:.2e}"
+
+        return step(nets["visionops"]), step(nets["pytorch"]), check
+
+    return make
+
+
+_SSD_BASE = "torchvision ops, per-image NMS loop"
 
 
 CASES = [
@@ -297,4 +333,8 @@ CASES = [
     Case("deeplab_train_step", "DeepLab v3 w32 OS8, B4 128x128, fwd+bwd", _deeplab(4, 128, True), baseline="F.conv2d"),
     Case("c3d_forward", "C3D width 1/4, B4 16x56x56 clips, eval", _c3d(4, 16, 56, False), baseline="F.conv3d"),
     Case("c3d_train_step", "C3D width 1/4, B4 16x56x56 clips, fwd+bwd", _c3d(4, 16, 56, True), baseline="F.conv3d"),
+    Case("ssd_eval", "B8 256x256, 21 classes, fwd + multiclass NMS", _ssd(8, 256, False), baseline=_SSD_BASE),
+    Case("ssd_eval", "B2 128x128, 21 classes, fwd + multiclass NMS", _ssd(2, 128, False), _SSD_BASE, quick=True),
+    Case("ssd_train_step", "B8 256x256, 21 classes, fwd+bwd", _ssd(8, 256, True), baseline=_SSD_BASE),
+    Case("ssd_train_step", "B2 128x128, 21 classes, fwd+bwd", _ssd(2, 128, True), baseline=_SSD_BASE, quick=True),
 ] + _rcnn_cases()
