@@ -32,8 +32,8 @@ $PY -c "import visionops; print(visionops.build_info())" || { echo "IMPORT FAILE
 
 # Step limits (seconds) keep the whole script within a lent machine's time; newest kernels first in each step.
 T_NEW=${T_NEW:-170} T_TESTS=${T_TESTS:-110} T_SAN=${T_SAN:-60} T_BENCH_NEW=${T_BENCH_NEW:-90} T_BENCH=${T_BENCH:-120}
-NEW_TESTS=${NEW_TESTS:-"tests/test_conv.py tests/test_multiclass_nms.py tests/test_matrix_nms.py tests/test_retinanet.py tests/test_xcorr.py tests/test_soft_nms.py"}
-NEW_BENCH=${NEW_BENCH:-"conv2d|conv3d|multiclass_nms|matrix_nms|xcorr|depthwise_xcorr|soft_nms"}
+NEW_TESTS=${NEW_TESTS:-"tests/test_rcnn.py tests/test_ssd.py tests/test_conv.py tests/test_multiclass_nms.py tests/test_matrix_nms.py tests/test_retinanet.py tests/test_xcorr.py tests/test_soft_nms.py"}
+NEW_BENCH=${NEW_BENCH:-"fast_rcnn_\w+|faster_rcnn_\w+|mask_rcnn_\w+|ssd_\w+|conv2d|conv3d|multiclass_nms|matrix_nms|xcorr|depthwise_xcorr|soft_nms"}
 
 step "tests on CUDA of the newest families ($NEW_TESTS; compiled Triton, not interpreted)"
 VISIONOPS_TEST_CUDA=1 timeout $T_NEW $PY -m pytest $NEW_TESTS -q --maxfail=20 -p no:cacheprovider -k "cuda" \

@@ -34,6 +34,7 @@ class Settings(NamedTuple):
     batch: int
     lr: float
     train_images: int
+    optimizer: str = "adamw"  # "adamw" (weight decay 1e-4) or "sgd" (momentum 0.9, weight decay 5e-4)
 
 
 SETTINGS: Dict[str, Settings] = {
@@ -53,10 +54,11 @@ SETTINGS: Dict[str, Settings] = {
     ),
     "ssd": Settings(
         lambda backend, g: detection.SSD(NUM_CLASSES, backend=backend, generator=g),
-        steps=1500,
+        steps=4000,
         batch=16,
-        lr=2e-3,
-        train_images=800,
+        lr=0.02,
+        train_images=4000,
+        optimizer="sgd",
     ),
 }
 
@@ -79,9 +81,13 @@ def flip(images: torch.Tensor, targets: List[dict], which: torch.Tensor):
 
 
 def train(model, images, targets, settings: Settings, masks: bool, seed: int) -> float:
-    """AdamW with a linear warm-up and a cosine decay, random batches with random flips; returns the seconds."""
+    """AdamW (or SGD) with a linear warm-up and a cosine decay, random batches with random flips; returns the
+    seconds."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
+    if settings.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     warmup = max(1, settings.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,

@@ -127,6 +127,28 @@ def test_main_repeat_writes_median_range_and_passes(tmp_path, capsys):
     assert sorted(p["ratio"] for p in row["passes"]) == [row["ratio_min"], row["ratio_max"]]
 
 
+def test_sigterm_keeps_the_cases_timed_so_far(tmp_path, capsys, monkeypatch):
+    """`timeout` (SIGTERM) in the middle of a run: the cases already timed are still printed and saved."""
+    import signal
+
+    real_run, calls = runner.run, []
+
+    def run(cases, *args, **kwargs):
+        calls.append(cases[0].name)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real_run(cases, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run", run)
+    argv = ["--device", "cpu", "--filter", "^box_iou ", "--min-time", "0.001", "--threads", "1", "--no-plot"]
+    assert main(argv + ["--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "stopped by SIGTERM after 1 of" in captured.err
+    (path,) = tmp_path.glob("bench-cpu-*.json")
+    assert [r["case"] for r in json.loads(path.read_text())["results"]] == calls[:1]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 @pytest.mark.parametrize("name", ["cpu-Intel-Xeon-20261201-conv-models-mcnms-bench.json", "three passes"])
 def test_plot_labels_inside_and_off_the_1x_line(name, tmp_path):
     pytest.importorskip("matplotlib")

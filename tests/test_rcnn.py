@@ -268,3 +268,26 @@ def test_generated_detection_set_is_consistent():
         torch.testing.assert_close(torchvision.ops.masks_to_boxes(masks) + torch.tensor([0, 0, 1, 1]), boxes)
         counts.append(len(boxes))
     assert max(counts) > 1 and set(torch.cat([t["labels"] for t in targets]).tolist()) == {1, 2, 3}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
+def test_cuda_matches_cpu(cls):
+    """The same weights on the GPU: the same detections as on the CPU, and a training step's losses close."""
+    images, targets = data.shapes_detection(2, (96, 128), generator=torch.Generator().manual_seed(6))
+    proposals = _proposals(targets, (96, 128))
+    cpu = _lively(_model(cls, "visionops", box_score_thresh=0.3)).eval()
+    gpu = _lively(_model(cls, "visionops", box_score_thresh=0.3)).eval().cuda()
+    extra = {"proposals": proposals} if cls is FastRCNN else {}
+    extra_cuda = {"proposals": [p.cuda() for p in proposals]} if cls is FastRCNN else {}
+    with torch.no_grad():
+        outs = cpu(images, **extra), gpu(images.cuda(), **extra_cuda)
+    for ours, base in zip(outs[1], outs[0]):
+        _match({k: v.cpu() for k, v in ours.items()}, base)
+    cpu.train(), gpu.train()
+    tgts_cuda = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    # sampling draws from each model's generator on the CPU: both sample the same anchors and proposals
+    a = cpu(images, targets, **extra)
+    b = gpu(images.cuda(), tgts_cuda, **extra_cuda)
+    for k in a:
+        torch.testing.assert_close(b[k].cpu(), a[k], rtol=1e-3, atol=1e-4)

@@ -281,3 +281,19 @@ def test_empty_and_bad_inputs():
         model(image, [{"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.zeros(1, dtype=torch.int64)}])
     with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\]"):
         model(image, [{"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.ones(1)}])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    """The same weights on the GPU: the same detections as on the CPU, and the same training losses."""
+    images, targets = _shapes(2, size=(96, 128), seed=6)
+    cpu = _lively(_model("visionops", score_threshold=0.3)).eval()
+    gpu = _lively(_model("visionops", score_threshold=0.3)).eval().cuda()
+    with torch.no_grad():
+        for ours, base in zip(gpu(images.cuda()), cpu(images)):
+            _matched_one_to_one({k: v.cpu() for k, v in ours.items()}, base)
+    cpu.train(), gpu.train()
+    a = cpu(images, targets)
+    b = gpu(images.cuda(), [{k: v.cuda() for k, v in t.items()} for t in targets])
+    for k in a:
+        torch.testing.assert_close(b[k].cpu(), a[k], rtol=1e-3, atol=1e-4)

@@ -10,6 +10,7 @@ plot of the ratios.
 import argparse
 import datetime
 import os
+import signal
 import sys
 
 import torch
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stopped(BaseException):  # not caught by the per-case error handling
+    pass
+
+
+def _stop(signum, frame):
+    raise _Stopped()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -91,14 +100,25 @@ def main(argv=None) -> int:
     if "cuda" in plan and any("work" in c.tags for c in plan["cuda"]):
         machine = bounds.measure(torch.device("cuda"))  # the bounds' rates, measured in this run
     passes = []
-    for _ in range(args.repeat):
-        one = []
-        for device, cases in plan.items():
-            one += runner.run(cases, device, args.threads, min_time, progress, machine if device == "cuda" else None)
-        passes.append(one)
+    stopped = False
+    # SIGTERM (e.g. `timeout`) ends the run early but still reports and saves the cases timed so far
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for _ in range(args.repeat):
+            passes.append([])
+            for device, cases in plan.items():
+                for case in cases:
+                    rates = machine if device == "cuda" else None
+                    passes[-1] += runner.run([case], device, args.threads, min_time, progress, rates)
+    except _Stopped:
+        stopped = True
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if progress is not None:
         progress.close()
-    results = runner.combine(passes)
+    results = runner.combine([p for p in passes if p])
+    if stopped:
+        print(f"stopped by SIGTERM after {len(results)} of {total} cases", file=sys.stderr)
 
     names = {d: runner.device_name(d) for d in devices}
     summary = "median" if args.repeat == 1 else f"median of {args.repeat} passes; range: lowest-highest pass"
@@ -115,7 +135,7 @@ def main(argv=None) -> int:
         png = json_path[:-5] + ".png"
         if runner.save_plot(results, png, "; ".join(names.values())):
             print(f"plot: {png}")
-    return 1 if any("error" in r for r in results) else 0
+    return 1 if stopped or any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Pieces the detectors share: the tiny backbone, the FPN and torchvision's anchor/proposal ``Matcher``.
+"""Pieces the detectors share: the tiny backbone, the FPN, torchvision's anchor/proposal ``Matcher`` and sampler, and
+the per-image NMS loop of the ``"pytorch"`` backends.
 
 Conventions: visionops/models/README.md.
 """
@@ -7,6 +8,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "Backbone",
     "batch_images",
     "match_anchors",
+    "multiclass_nms_pytorch",
     "sample_balanced",
 ]
 
@@ -124,3 +127,31 @@ class FPN(nn.Module):
             merged.insert(0, last)
         outs = [layer(m) for layer, m in zip(self.layer, merged)]
         return outs if self.p6 is None else outs + [self.p6(outs[-1])]
+
+
+# ---- post-processing -----------------------------------------------------------------------------------------------
+
+
+def multiclass_nms_pytorch(
+    boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float, max_per_class: int, max_total: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The per-image loop torchvision users write, padded to visionops.multiclass_nms's fixed shapes: candidates
+    above the score threshold, ``batched_nms`` per class, the best ``max_per_class`` of each class, the best
+    ``max_total`` of the image."""
+    b, _, k = scores.shape
+    out_boxes = boxes.new_zeros(b, max_total, 4)
+    out_scores = scores.new_zeros(b, max_total)
+    out_classes = torch.full((b, max_total), -1, dtype=torch.int64, device=scores.device)
+    num = torch.zeros(b, dtype=torch.int64, device=scores.device)
+    for i in range(b):
+        # the threshold compared in float64, as multiclass_nms (a float32 comparison rounds it to float32 first)
+        anchor, cls = (scores[i].double() > score_threshold).nonzero(as_tuple=True)
+        cand_boxes, cand_scores = boxes[i][anchor], scores[i][anchor, cls]
+        keep = torchvision.ops.batched_nms(cand_boxes, cand_scores, cls, iou_threshold)  # by decreasing score
+        per_class = [keep[cls[keep] == c][:max_per_class] for c in range(k)]
+        keep = torch.cat(per_class)
+        keep = keep[cand_scores[keep].argsort(descending=True, stable=True)][:max_total]
+        n = keep.numel()
+        out_boxes[i, :n], out_scores[i, :n], out_classes[i, :n] = cand_boxes[keep], cand_scores[keep], cls[keep]
+        num[i] = n
+    return out_boxes, out_scores, out_classes, num

@@ -25,7 +25,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAncho
 
 import visionops
 from visionops.models import check_backend
-from visionops.models.detection.common import BETWEEN_THRESHOLDS, FPN, Backbone, match_anchors
+from visionops.models.detection.common import BETWEEN_THRESHOLDS, FPN, Backbone, match_anchors, multiclass_nms_pytorch
 
 __all__ = ["RetinaNet", "retinanet_anchor_sizes"]
 
@@ -43,31 +43,6 @@ class _Ops(NamedTuple):
     box_iou: Callable[[Tensor, Tensor], Tensor]
     # (boxes [B, N, 4], scores [B, N, K], iou, score_threshold, max_per_class, max_total) -> the four fixed tensors
     multiclass_nms: Callable[..., Tuple[Tensor, Tensor, Tensor, Tensor]]
-
-
-def _multiclass_nms_pytorch(
-    boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float, max_per_class: int, max_total: int
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The per-image loop torchvision users write, padded to visionops.multiclass_nms's fixed shapes: candidates
-    above the score threshold, ``batched_nms`` per class, the best ``max_per_class`` of each class, the best
-    ``max_total`` of the image."""
-    b, _, k = scores.shape
-    out_boxes = boxes.new_zeros(b, max_total, 4)
-    out_scores = scores.new_zeros(b, max_total)
-    out_classes = torch.full((b, max_total), -1, dtype=torch.int64, device=scores.device)
-    num = torch.zeros(b, dtype=torch.int64, device=scores.device)
-    for i in range(b):
-        # the threshold compared in float64, as multiclass_nms (a float32 comparison rounds it to float32 first)
-        anchor, cls = (scores[i].double() > score_threshold).nonzero(as_tuple=True)
-        cand_boxes, cand_scores = boxes[i][anchor], scores[i][anchor, cls]
-        keep = torchvision.ops.batched_nms(cand_boxes, cand_scores, cls, iou_threshold)  # by decreasing score
-        per_class = [keep[cls[keep] == c][:max_per_class] for c in range(k)]
-        keep = torch.cat(per_class)
-        keep = keep[cand_scores[keep].argsort(descending=True, stable=True)][:max_total]
-        n = keep.numel()
-        out_boxes[i, :n], out_scores[i, :n], out_classes[i, :n] = cand_boxes[keep], cand_scores[keep], cls[keep]
-        num[i] = n
-    return out_boxes, out_scores, out_classes, num
 
 
 def _decode_pytorch(deltas: Tensor, anchors: Tensor, image_size: Tuple[int, int]) -> Tensor:
@@ -88,7 +63,7 @@ _OPS: Dict[str, _Ops] = {
         decode=_decode_pytorch,
         encode=lambda gt, a: tv_det_utils.BoxCoder(_WEIGHTS).encode_single(gt, a),
         box_iou=torchvision.ops.box_iou,
-        multiclass_nms=_multiclass_nms_pytorch,
+        multiclass_nms=multiclass_nms_pytorch,
     ),
 }
 

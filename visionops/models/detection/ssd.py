@@ -28,8 +28,7 @@ from torchvision.models.detection.image_list import ImageList
 
 import visionops
 from visionops.models import check_backend
-from visionops.models.detection.common import Backbone, match_anchors
-from visionops.models.detection.retinanet import _multiclass_nms_pytorch
+from visionops.models.detection.common import Backbone, match_anchors, multiclass_nms_pytorch
 
 __all__ = ["SSD", "hard_negative_mask", "ssd_match"]
 
@@ -67,7 +66,7 @@ _OPS: Dict[str, _Ops] = {
         decode=_decode_pytorch,
         encode=lambda gt, a: tv_det_utils.BoxCoder(_WEIGHTS).encode_single(gt, a),
         box_iou=torchvision.ops.box_iou,
-        multiclass_nms=_multiclass_nms_pytorch,
+        multiclass_nms=multiclass_nms_pytorch,
     ),
 }
 
