@@ -146,21 +146,29 @@ def _register_torchlib() -> None:
         offsets = op.Mul(op.CastLike(idxs, boxes), top)
         return nms_of(op.Add(boxes, op.Unsqueeze(offsets, [1])), scores, iou_threshold)
 
+    def split_rois_of(rois):
+        """[K, 5] rows of (batch index, x1, y1, x2, y2) -> (boxes [K, 4], batch indices [K] int64)."""
+        ids = op.Cast(op.Squeeze(op.Slice(rois, starts=[0], ends=[1], axes=[1]), [1]), to=INT64.dtype)
+        return op.Slice(rois, starts=[1], ends=[5], axes=[1]), ids
+
+    def roi_align_of(feature, boxes, ids, scale: float, pooled_height: int, pooled_width: int, sr: int, aligned: bool):
+        return op.RoiAlign(
+            feature,
+            boxes,
+            ids,
+            coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel",
+            spatial_scale=scale,
+            output_height=pooled_height,
+            output_width=pooled_width,
+            sampling_ratio=sr,
+        )
+
     @torch_op("visionops::roi_align", trace_only=True)
     def visionops_roi_align(
         input, rois, spatial_scale: float, pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool
     ):
-        ids = op.Cast(op.Squeeze(op.Slice(rois, starts=[0], ends=[1], axes=[1]), [1]), to=INT64.dtype)
-        return op.RoiAlign(
-            input,
-            op.Slice(rois, starts=[1], ends=[5], axes=[1]),
-            ids,
-            coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel",
-            spatial_scale=spatial_scale,
-            output_height=pooled_height,
-            output_width=pooled_width,
-            sampling_ratio=_warn_adaptive(sampling_ratio),
-        )
+        sr = _warn_adaptive(sampling_ratio)
+        return roi_align_of(input, *split_rois_of(rois), spatial_scale, pooled_height, pooled_width, sr, aligned)
 
     @torch_op("visionops::multi_scale_roi_align", trace_only=True)
     def visionops_multi_scale_roi_align(
@@ -175,20 +183,11 @@ def _register_torchlib() -> None:
     ):
         # every RoI pooled from every level, then each keeps its own level's result: the same values as one
         # RoiAlign per level over that level's RoIs, without data-dependent gathers
-        ids = op.Cast(op.Squeeze(op.Slice(rois, starts=[0], ends=[1], axes=[1]), [1]), to=INT64.dtype)
-        boxes = op.Slice(rois, starts=[1], ends=[5], axes=[1])
+        sr = _warn_adaptive(sampling_ratio)
+        boxes, ids = split_rois_of(rois)
         out = None
         for level, (feature, scale) in enumerate(zip(features, scales)):
-            pooled = op.RoiAlign(
-                feature,
-                boxes,
-                ids,
-                coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel",
-                spatial_scale=scale,
-                output_height=pooled_height,
-                output_width=pooled_width,
-                sampling_ratio=_warn_adaptive(sampling_ratio),
-            )
+            pooled = roi_align_of(feature, boxes, ids, scale, pooled_height, pooled_width, sr, aligned)
             if out is None:
                 out = pooled
             else:
