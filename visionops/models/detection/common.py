@@ -4,11 +4,13 @@ the per-image NMS loop of the ``"pytorch"`` backends.
 Conventions: visionops/models/README.md.
 """
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 import torchvision
+from torchvision.models.detection import _utils as tv_det_utils
 from torch import Tensor, nn
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "Backbone",
     "batch_images",
     "match_anchors",
+    "XFORM_CLIP",
+    "decode_pytorch",
     "multiclass_nms_pytorch",
     "sample_balanced",
 ]
@@ -130,6 +134,15 @@ class FPN(nn.Module):
 
 
 # ---- post-processing -----------------------------------------------------------------------------------------------
+
+
+XFORM_CLIP = math.log(1000.0 / 16)  # torchvision's bbox_xform_clip: the largest exp() a box coder applies
+
+
+def decode_pytorch(deltas: Tensor, boxes: Tensor, weights: Sequence[float], image_size: Tuple[int, int]) -> Tensor:
+    """The ``"pytorch"`` backends' decode: torchvision's ``BoxCoder.decode_single``, then ``clip_boxes_to_image``."""
+    decoded = tv_det_utils.BoxCoder(weights, XFORM_CLIP).decode_single(deltas, boxes)
+    return torchvision.ops.clip_boxes_to_image(decoded, image_size)
 
 
 def multiclass_nms_pytorch(

@@ -28,8 +28,10 @@ from visionops.models.data import random_boxes
 from visionops.models.detection.common import (
     BETWEEN_THRESHOLDS,
     FPN,
+    XFORM_CLIP,
     Backbone,
     batch_images,
+    decode_pytorch,
     match_anchors,
     sample_balanced,
 )
@@ -38,7 +40,6 @@ __all__ = ["DEFAULT_OPTIONS", "FastRCNN", "FasterRCNN", "jittered_proposals"]
 
 _RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # torchvision's box coder weights: RPN and box head
 _BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-_XFORM_CLIP = math.log(1000.0 / 16)
 Size = Tuple[int, int]
 
 
@@ -57,11 +58,6 @@ class _Ops(NamedTuple):
     multi_scale_roi_align: Callable[..., nn.Module]  # (featmap_names, output_size, sampling_ratio, canonical_scale=)
 
 
-def _decode_pytorch(deltas: Tensor, boxes: Tensor, weights: Sequence[float], size: Size) -> Tensor:
-    decoded = tv_det_utils.BoxCoder(weights, _XFORM_CLIP).decode_single(deltas, boxes)
-    return torchvision.ops.clip_boxes_to_image(decoded, size)
-
-
 def _filter_pytorch(boxes: Tensor, scores: Tensor, score_threshold: float, min_size: float) -> Tensor:
     keep = torchvision.ops.remove_small_boxes(boxes, min_size)  # torchvision's RPN filter
     return keep[scores[keep] >= score_threshold]
@@ -70,7 +66,7 @@ def _filter_pytorch(boxes: Tensor, scores: Tensor, score_threshold: float, min_s
 _OPS: Dict[str, _Ops] = {
     "visionops": _Ops(
         anchor_generator=visionops.AnchorGenerator,
-        decode=lambda d, b, w, size: visionops.decode_boxes(d, b, w, _XFORM_CLIP, size),
+        decode=lambda d, b, w, size: visionops.decode_boxes(d, b, w, XFORM_CLIP, size),
         encode=visionops.encode_boxes,
         box_iou=visionops.box_iou,
         filter_boxes=visionops.filter_boxes,
@@ -81,7 +77,7 @@ _OPS: Dict[str, _Ops] = {
     ),
     "pytorch": _Ops(
         anchor_generator=TVAnchorGenerator,
-        decode=_decode_pytorch,
+        decode=decode_pytorch,
         encode=lambda gt, b, w: tv_det_utils.BoxCoder(w).encode_single(gt, b),
         box_iou=torchvision.ops.box_iou,
         filter_boxes=_filter_pytorch,

@@ -25,12 +25,19 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAncho
 
 import visionops
 from visionops.models import check_backend
-from visionops.models.detection.common import BETWEEN_THRESHOLDS, FPN, Backbone, match_anchors, multiclass_nms_pytorch
+from visionops.models.detection.common import (
+    BETWEEN_THRESHOLDS,
+    FPN,
+    XFORM_CLIP,
+    Backbone,
+    decode_pytorch,
+    match_anchors,
+    multiclass_nms_pytorch,
+)
 
 __all__ = ["RetinaNet", "retinanet_anchor_sizes"]
 
 _WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # torchvision's RetinaNet box coder weights
-_XFORM_CLIP = math.log(1000.0 / 16)
 
 
 # ---- the op table: the only lines the two backends do not share ---------------------------------------------------
@@ -45,22 +52,17 @@ class _Ops(NamedTuple):
     multiclass_nms: Callable[..., Tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
-def _decode_pytorch(deltas: Tensor, anchors: Tensor, image_size: Tuple[int, int]) -> Tensor:
-    boxes = tv_det_utils.BoxCoder(_WEIGHTS, _XFORM_CLIP).decode_single(deltas, anchors)
-    return torchvision.ops.clip_boxes_to_image(boxes, image_size)
-
-
 _OPS: Dict[str, _Ops] = {
     "visionops": _Ops(
         anchor_generator=visionops.AnchorGenerator,
-        decode=lambda d, a, size: visionops.decode_boxes(d, a, _WEIGHTS, _XFORM_CLIP, size),
+        decode=lambda d, a, size: visionops.decode_boxes(d, a, _WEIGHTS, XFORM_CLIP, size),
         encode=lambda gt, a: visionops.encode_boxes(gt, a, _WEIGHTS),
         box_iou=visionops.box_iou,
         multiclass_nms=lambda *args: visionops.multiclass_nms(*args, class_agnostic=False),
     ),
     "pytorch": _Ops(
         anchor_generator=TVAnchorGenerator,
-        decode=_decode_pytorch,
+        decode=lambda d, a, size: decode_pytorch(d, a, _WEIGHTS, size),
         encode=lambda gt, a: tv_det_utils.BoxCoder(_WEIGHTS).encode_single(gt, a),
         box_iou=torchvision.ops.box_iou,
         multiclass_nms=multiclass_nms_pytorch,

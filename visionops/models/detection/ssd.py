@@ -28,12 +28,17 @@ from torchvision.models.detection.image_list import ImageList
 
 import visionops
 from visionops.models import check_backend
-from visionops.models.detection.common import Backbone, match_anchors, multiclass_nms_pytorch
+from visionops.models.detection.common import (
+    XFORM_CLIP,
+    Backbone,
+    decode_pytorch,
+    match_anchors,
+    multiclass_nms_pytorch,
+)
 
 __all__ = ["SSD", "hard_negative_mask", "ssd_match"]
 
 _WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # torchvision's SSD box coder weights
-_XFORM_CLIP = math.log(1000.0 / 16)
 
 
 # ---- the op table: the only lines the two backends do not share ---------------------------------------------------
@@ -48,22 +53,17 @@ class _Ops(NamedTuple):
     multiclass_nms: Callable[..., Tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
-def _decode_pytorch(deltas: Tensor, boxes: Tensor, image_size: Tuple[int, int]) -> Tensor:
-    decoded = tv_det_utils.BoxCoder(_WEIGHTS, _XFORM_CLIP).decode_single(deltas, boxes)
-    return torchvision.ops.clip_boxes_to_image(decoded, image_size)
-
-
 _OPS: Dict[str, _Ops] = {
     "visionops": _Ops(
         default_boxes=visionops.DefaultBoxGenerator,
-        decode=lambda d, a, size: visionops.decode_boxes(d, a, _WEIGHTS, _XFORM_CLIP, size),
+        decode=lambda d, a, size: visionops.decode_boxes(d, a, _WEIGHTS, XFORM_CLIP, size),
         encode=lambda gt, a: visionops.encode_boxes(gt, a, _WEIGHTS),
         box_iou=visionops.box_iou,
         multiclass_nms=lambda *args: visionops.multiclass_nms(*args, class_agnostic=False),
     ),
     "pytorch": _Ops(
         default_boxes=TVDefaultBoxGenerator,
-        decode=_decode_pytorch,
+        decode=lambda d, a, size: decode_pytorch(d, a, _WEIGHTS, size),
         encode=lambda gt, a: tv_det_utils.BoxCoder(_WEIGHTS).encode_single(gt, a),
         box_iou=torchvision.ops.box_iou,
         multiclass_nms=multiclass_nms_pytorch,
