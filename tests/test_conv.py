@@ -504,3 +504,32 @@ def test_cpu_wide_channels_at_any_thread_count(n, dtype, threads):
     want = torch.autograd.grad(expected, theirs, torch.ones_like(out))
     for name, g, e in zip(("input", "weight", "bias"), got, want):
         torch.testing.assert_close(g, e, **tol, msg=lambda m, k=name: f"grad {k}: {m}")
+
+
+# The C++ CPU forward runs without im2col when groups are wide (>= 32 input and output channels each): per output row
+# and tap for rows of >= 32 columns, per block of rows (unit stride) otherwise. Taps reading only padding are skipped,
+# and row ends clipped; these shapes reach every such edge (a tap wholly in the padding, strides, dilations, groups,
+# several row blocks, 2-D and 3-D, with and without bias).
+NO_IM2COL = {
+    "rows dilated, taps in padding": (1, 32, 32, (12, 36), (3, 3), 1, 18, 18, 1, True),
+    "rows strided": (2, 64, 40, (9, 80), (3, 3), (1, 2), 5, (2, 5), 1, False),
+    "rows grouped": (1, 128, 64, (5, 33), (3, 3), 1, 1, 1, 2, True),
+    "rows 3d": (1, 32, 32, (3, 4, 34), (3, 3, 3), 1, 1, (1, 1, 2), 1, True),
+    "blocks dilated, rows in padding": (1, 32, 32, (12, 20), (3, 3), 1, 9, 9, 1, False),
+    "blocks several": (1, 32, 40, (40, 20), (3, 3), 1, 1, 1, 1, True),
+    "blocks grouped": (2, 64, 64, (10, 12), (3, 3), 1, 3, 3, 2, True),
+    "blocks 3d": (1, 32, 48, (5, 9, 11), (3, 3, 3), (2, 1, 1), (1, 2, 0), (1, 2, 1), 1, True),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", list(NO_IM2COL))
+def test_cpu_forward_without_im2col(name, threads):
+    spec = NO_IM2COL[name]
+    n = len(spec[4])
+    x, w, b, *rest = _make(spec, "cpu", torch.float64, torch.Generator().manual_seed(3))
+    with num_threads(threads):
+        out = OURS[n](x, w, b, *rest, backend="cpp")
+    torch.testing.assert_close(out, TORCH[n](x, w, b, *rest), rtol=1e-10, atol=1e-10)
+    out32 = OURS[n](x.float(), w.float(), None if b is None else b.float(), *rest, backend="cpp")
+    torch.testing.assert_close(out32.double(), out, rtol=1e-4, atol=1e-4)

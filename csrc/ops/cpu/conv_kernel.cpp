@@ -5,9 +5,14 @@
 // the input zero-padded once, [B, Dp, Hp, Wp, Cin], grad [B, Do, Ho, Wo, Cout], the weight permuted so each
 // direction's GEMM operand is a plain matrix. The copies cost a pass over each tensor, small against the GEMMs.
 //
-//   forward  out[P x Og]    = col[P x taps*Cg] @ W[taps*Cg x Og]    per tile of P output positions and group, col
-//                                                                   the tile's im2col (at most kColBytes: BLAS packs
-//                                                                   all of W once per call, so the tiles are large)
+//   forward  out[P x Og]   += x[P x Cg] @ W_t[Cg x Og]              wide groups (kShiftMinChannels): no im2col; per
+//                                                                   output row (shift_forward) or block of rows
+//                                                                   (block_forward) and tap, x the padded input's
+//                                                                   strided rows that tap reads; taps and row ends
+//                                                                   that read only padding are skipped
+//            out[P x Og]    = col[P x taps*Cg] @ W[taps*Cg x Og]    otherwise, per tile of P output positions and
+//                                                                   group, col the tile's im2col (at most kColBytes:
+//                                                                   BLAS packs all of W once per call)
 //   grad_x   rows[n x kW*Cg] = g[n x Og] @ W[Og x kW*Cg]            per block of input rows of one residue mod the
 //                                                                   stride, (kd, kh) tap and group: the output rows
 //                                                                   they read are consecutive (n positions); then
@@ -24,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -57,6 +63,10 @@ constexpr int64_t kWeightOutBlock = 128;
 constexpr int64_t kMinGemmChannels = 8;
 // Taps whose input offsets im2col tables (7x7x7); larger kernels compute them per row.
 constexpr int64_t kMaxTaps = 343;
+// The forward skips im2col (shift_forward) when each GEMM has at least this many input and output channels per group
+// and this many output columns per row: below, BLAS's per-call packing of the tap's weight outweighs the copy saved.
+constexpr int64_t kShiftMinChannels = 32;
+constexpr int64_t kShiftMinWidth = 32;
 
 // t's [B, D, H, W, C] channels-last view (2-D: D = 1).
 at::Tensor cl5(const at::Tensor& t, int ndim) {
@@ -208,6 +218,126 @@ void im2col(const Dims& d, const T* xp, int64_t gr, int64_t q0, int64_t q1, int6
   }
 }
 
+// BLAS's own GEMM entries (MKL's, exported by libtorch_cpu), declared weak: a torch built on another BLAS loads too
+// and takes at::addmm_ instead. Fortran interface, LP64 (32-bit ints), column-major.
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                       const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+
+// Row-major C[M x N] += A[M x K] @ B[K x N] (leading dimensions lda, ldb, ldc): called per output row and tap, a few
+// thousand times per convolution, where at::addmm_'s dispatch and tensor wrapping would cost a tenth of the time.
+template <typename T>
+void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  auto blas = [&](auto* fn) {
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const T one = 1;
+    fn("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &one, C, &lc);  // C^T = B^T A^T, column-major
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) return blas(sgemm_);
+  } else {
+    if (dgemm_ != nullptr) return blas(dgemm_);
+  }
+  mat(C, M, N, ldc).addmm_(mat(A, M, K, lda), mat(B, K, N, ldb));
+}
+
+// The forward without im2col, for wide groups and rows (kShiftMinChannels, kShiftMinWidth): each output row (b, od,
+// oh) is the bias plus, per tap and group, the GEMM of the padded input's row segment that tap reads (a strided
+// matrix: row stride sw * Cin) with the tap's [Cg x Og] weight. Taps that read only zero padding are skipped, and at
+// the row's ends only the columns whose input lies inside the image are multiplied, so dilated kernels near the
+// borders (ASPP's rate 18 on a 64x64 map: a third of all products) cost nothing. One task owns a row and sums its
+// taps in a fixed order.
+template <typename T>
+void shift_forward(const Dims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o) {
+  const int64_t D = g.in[0], H = g.in[1], W = g.in[2], pd = g.padding[0], ph = g.padding[1], pw = g.padding[2];
+  at::parallel_for(0, d.B * d.Do * d.Ho, 1, [&](int64_t r0, int64_t r1) {
+    const SerialBlas serial;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t oh = r % d.Ho, od = (r / d.Ho) % d.Do, b = r / (d.Ho * d.Do);
+      T* out = o + r * d.Wo * d.Cout;
+      for (int64_t ow = 0; ow < d.Wo; ++ow)
+        if (bias != nullptr) {
+          std::copy_n(bias, d.Cout, out + ow * d.Cout);
+        } else {
+          std::fill_n(out + ow * d.Cout, d.Cout, T(0));
+        }
+      for (int64_t kd = 0; kd < d.kD; ++kd) {
+        const int64_t zd = od * d.sd + kd * d.dd;  // padded depth
+        if (zd < pd || zd >= pd + D) continue;
+        for (int64_t kh = 0; kh < d.kH; ++kh) {
+          const int64_t zh = oh * d.sh + kh * d.dh;
+          if (zh < ph || zh >= ph + H) continue;
+          for (int64_t kw = 0; kw < d.kW; ++kw) {
+            // output columns ow with pw <= ow * sw + kw * dw < pw + W
+            const int64_t first = pw - kw * d.dw, last = pw + W - 1 - kw * d.dw;
+            if (last < 0) continue;
+            const int64_t lo = first <= 0 ? 0 : (first + d.sw - 1) / d.sw, hi = std::min(d.Wo, last / d.sw + 1);
+            if (lo >= hi) continue;
+            const T* a = xp + d.x_offset(b, od, oh, lo, kd, kh, kw);
+            const T* wt = w + ((kd * d.kH + kh) * d.kW + kw) * d.Cg * d.Cout;
+            for (int64_t gr = 0; gr < d.G; ++gr)
+              gemm_acc(hi - lo, d.Og, d.Cg, a + gr * d.Cg, d.sw * d.Cin, wt + gr * d.Og, d.Cout,
+                       out + lo * d.Cout + gr * d.Og, d.Cout);
+          }
+        }
+      }
+    }
+  });
+}
+
+// shift_forward for narrow rows (C3D's 28 and 14 columns), unit strides in H and W: R output rows of one (b, od)
+// at once. With the padded row pitch Wp, a tap reads the rows' input segments as ONE strided matrix (row q of the
+// block's extended grid is input (zh + q / Wp, q % Wp + kw * dw)), so each GEMM covers R rows (M ~ kBlockPositions)
+// and the tap's weight is packed once per block instead of per row. The grid's Wp - Wo extra columns per row are
+// computed and dropped: a [R * Wp, Og] scratch per group, copied into the output rows at the end. Taps are skipped
+// when their depth is padding; rows whose input row is padding are cut off the ends of the GEMM.
+constexpr int64_t kBlockPositions = 256;
+
+template <typename T>
+void block_forward(const Dims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o) {
+  const int64_t D = g.in[0], H = g.in[1], pd = g.padding[0], ph = g.padding[1];
+  const int64_t R = std::max<int64_t>(1, std::min(d.Ho, kBlockPositions / d.Wp));
+  const int64_t nblk = (d.Ho + R - 1) / R;
+  at::parallel_for(0, d.B * d.Do * nblk * d.G, 1, [&](int64_t t0, int64_t t1) {
+    const SerialBlas serial;
+    Scratch<T> scratch;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t gr = task % d.G, blk = (task / d.G) % nblk, od = (task / (d.G * nblk)) % d.Do;
+      const int64_t b = task / (d.G * nblk * d.Do);
+      const int64_t h0 = blk * R, rows = std::min(R, d.Ho - h0);
+      T* acc = scratch.get(rows * d.Wp * d.Og);
+      for (int64_t q = 0; q < rows * d.Wp; ++q)
+        if (bias != nullptr) {
+          std::copy_n(bias + gr * d.Og, d.Og, acc + q * d.Og);
+        } else {
+          std::fill_n(acc + q * d.Og, d.Og, T(0));
+        }
+      for (int64_t kd = 0; kd < d.kD; ++kd) {
+        const int64_t zd = od * d.sd + kd * d.dd;
+        if (zd < pd || zd >= pd + D) continue;
+        for (int64_t kh = 0; kh < d.kH; ++kh) {
+          // block rows j with ph <= h0 + j + kh * dh < ph + H
+          const int64_t jlo = std::max<int64_t>(0, ph - h0 - kh * d.dh);
+          const int64_t jhi = std::min(rows, ph + H - h0 - kh * d.dh);
+          if (jlo >= jhi) continue;
+          const int64_t M = (jhi - jlo - 1) * d.Wp + d.Wo;
+          for (int64_t kw = 0; kw < d.kW; ++kw) {
+            const T* a = xp + d.x_offset(b, od, h0 + jlo, 0, kd, kh, kw) + gr * d.Cg;
+            const T* wt = w + ((kd * d.kH + kh) * d.kW + kw) * d.Cg * d.Cout + gr * d.Og;
+            gemm_acc(M, d.Og, d.Cg, a, d.Cin, wt, d.Cout, acc + jlo * d.Wp * d.Og, d.Og);
+          }
+        }
+      }
+      for (int64_t j = 0; j < rows; ++j)
+        for (int64_t ow = 0; ow < d.Wo; ++ow)
+          std::copy_n(acc + (j * d.Wp + ow) * d.Og, d.Og,
+                      o + (((b * d.Do + od) * d.Ho + h0 + j) * d.Wo + ow) * d.Cout + gr * d.Og);
+    }
+  });
+}
+
 // The direct loops for thin groups (Dims::thin), on the same buffers and with the same partition as the
 // GEMM paths. w is the forward's [taps * Cg, Cout] weight; the innermost loops run over contiguous output channels
 // (or, depthwise, over all channels at once) so that they vectorise.
@@ -308,6 +438,16 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   ntiles = (ntiles + threads - 1) / threads * threads;  // a whole number of rounds of the threads
   const int64_t tile = (positions + ntiles - 1) / ntiles;
   ntiles = (positions + tile - 1) / tile;
+  if (d.Cg >= kShiftMinChannels && d.Og >= kShiftMinChannels && d.Wo >= kShiftMinWidth) {
+    shift_forward(d, g, xp, w, b_t.defined() ? b_t.const_data_ptr<T>() : nullptr, o);
+    res.finish();
+    return;
+  }
+  if (d.Cg >= kShiftMinChannels && d.Og >= kShiftMinChannels && d.sh == 1 && d.sw == 1) {
+    block_forward(d, g, xp, w, b_t.defined() ? b_t.const_data_ptr<T>() : nullptr, o);
+    res.finish();
+    return;
+  }
   if (d.thin()) {
     const T* bp = b_t.defined() ? b_t.const_data_ptr<T>() : nullptr;
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
