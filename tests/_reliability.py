@@ -1,0 +1,110 @@
+"""Helpers shared by the reliability tests (threads, determinism, leaks) and benchmarks/cuda_reliability.py: every
+registered op, through its conformance class, as one call that returns its outputs and input gradients.
+
+Ops are enumerated from the conformance classes (tests/test_registry.py), so a new op is covered as soon as it has
+one, and :func:`cases` fails if a registry op has none."""
+
+import os
+from typing import Iterator, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from visionops import _registry as registry
+from visionops.testing import OpConformance
+
+
+def op_classes() -> List[type]:
+    """The conformance class of every registry op, in registry order; AssertionError naming any op without one."""
+    from test_registry import conformance_classes  # tests/ is on sys.path under pytest (and in the scripts)
+
+    by_op = {c.op: c for c in conformance_classes()}
+    missing = [op for op in registry.OPS if op not in by_op]
+    assert not missing, f"registry ops without a conformance class: {missing}"
+    return [by_op[op] for op in registry.OPS]
+
+
+class OpCase(NamedTuple):
+    """One op on one set of inputs: ``run(backend)`` calls it (and its backward, when it has a gradient)."""
+
+    op: str
+    conf: OpConformance
+    config: str
+    inputs: tuple  # on the target device; floating grad inputs are leaves without requires_grad
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.config}"
+
+    def run(self, backend: str, grad: bool = True) -> List[Tensor]:
+        """The op's outputs followed by the gradients of its differentiable inputs for a fixed upstream gradient
+        (its outputs only where it has none, or ``grad`` is False)."""
+        conf = self.conf
+        grad = grad and conf.has_grad
+        inputs = tuple(
+            v.detach().requires_grad_() if grad and i in conf.grad_inputs else v for i, v in enumerate(self.inputs)
+        )
+        out = conf.fn(*inputs, backend=backend)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if not grad:
+            return [o.detach() for o in outs]
+        go = upstream(out)
+        grads = conf._grads(out, inputs, go)
+        return [o.detach() for o in outs] + [g.detach() for g in grads]
+
+
+def upstream(out: Tensor) -> Tensor:
+    """A fixed upstream gradient: a function of the position only, so every run sees the same one."""
+    n = out.numel()
+    return torch.linspace(-1.0, 1.0, n, dtype=torch.float64).reshape(out.shape).to(out.dtype).to(out.device)
+
+
+def cases(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    size: str = "small",
+    per_op: Optional[int] = 1,
+    seed: int = 0,
+    ops: Optional[Sequence[str]] = None,
+) -> Iterator[OpCase]:
+    """For every registry op (or those in ``ops``), ``per_op`` input sets (None: one per config), cycling through
+    its configs, each from its own seed."""
+    for cls in op_classes():
+        if ops is not None and cls.op not in ops:
+            continue
+        conf = cls()
+        names = list(cls.configs)
+        for k in range(len(names) if per_op is None else per_op):
+            name = names[k % len(names)]
+            g = torch.Generator().manual_seed(seed + 1000 * k)
+            inputs = tuple(conf.make_inputs(device, dtype, g, size, cls.configs[name]))
+            yield OpCase(cls.op, conf, name, inputs)
+
+
+def identical(a: Sequence[Tensor], b: Sequence[Tensor]) -> Optional[str]:
+    """None if the two result lists are bit-identical (NaN where NaN), else what differs first."""
+    if len(a) != len(b):
+        return f"{len(a)} results != {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return f"result {i}: {tuple(x.shape)} {x.dtype} != {tuple(y.shape)} {y.dtype}"
+        if x.is_floating_point():
+            xb, yb = x.detach().cpu(), y.detach().cpu()
+            same = (xb == yb) | (xb.isnan() & yb.isnan())
+            # -0.0 == 0.0 compares equal: bits must match too
+            same &= torch.signbit(xb) == torch.signbit(yb)
+        else:
+            same = x.cpu() == y.cpu()
+        if not bool(same.all()):
+            bad = (~same).nonzero()[0].tolist()
+            return f"result {i} differs at {bad}: {x.cpu()[tuple(bad)].item()} != {y.cpu()[tuple(bad)].item()}"
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (/proc/self/statm, second field, in pages)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
