@@ -5,23 +5,28 @@ Ops are enumerated from the conformance classes (tests/test_registry.py), so a n
 one, and :func:`cases` fails if a registry op has none."""
 
 import os
+import warnings
 from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from visionops import _registry as registry
-from visionops.testing import OpConformance
+from visionops.testing import OpConformance, deterministic, num_threads, to_layout
+
+
+def conformance(op: str) -> type:
+    """The conformance class of registry op ``op``; AssertionError if it has none."""
+    from test_registry import conformance_classes  # tests/ is on sys.path under pytest (and in the scripts)
+
+    found = [c for c in conformance_classes() if c.op == op]
+    assert found, f"registry op {op!r} has no conformance class (tests/test_*.py)"
+    return found[0]
 
 
 def op_classes() -> List[type]:
     """The conformance class of every registry op, in registry order; AssertionError naming any op without one."""
-    from test_registry import conformance_classes  # tests/ is on sys.path under pytest (and in the scripts)
-
-    by_op = {c.op: c for c in conformance_classes()}
-    missing = [op for op in registry.OPS if op not in by_op]
-    assert not missing, f"registry ops without a conformance class: {missing}"
-    return [by_op[op] for op in registry.OPS]
+    return [conformance(op) for op in registry.OPS]
 
 
 class OpCase(NamedTuple):
@@ -66,18 +71,19 @@ def cases(
     per_op: Optional[int] = 1,
     seed: int = 0,
     ops: Optional[Sequence[str]] = None,
+    layout: str = "contiguous",
 ) -> Iterator[OpCase]:
     """For every registry op (or those in ``ops``), ``per_op`` input sets (None: one per config), cycling through
-    its configs, each from its own seed."""
-    for cls in op_classes():
-        if ops is not None and cls.op not in ops:
-            continue
+    its configs, each from its own seed, in ``layout`` (see visionops.testing.to_layout)."""
+    for op in registry.OPS if ops is None else ops:
+        cls = conformance(op)
         conf = cls()
         names = list(cls.configs)
         for k in range(len(names) if per_op is None else per_op):
             name = names[k % len(names)]
             g = torch.Generator().manual_seed(seed + 1000 * k)
             inputs = tuple(conf.make_inputs(device, dtype, g, size, cls.configs[name]))
+            inputs = tuple(to_layout(v, layout) for v in inputs)
             yield OpCase(cls.op, conf, name, inputs)
 
 
@@ -108,3 +114,40 @@ def rss_bytes() -> int:
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+NONDETERMINISTIC = "does not have a deterministic implementation"  # PyTorch's error (and warning) under the flag
+
+
+def check_deterministic(
+    case: OpCase, backend: str, threads: Sequence[Optional[int]] = (1, 2), repeats: int = 2
+) -> Optional[str]:
+    """Under ``torch.use_deterministic_algorithms(True)``: None if ``case`` gives bit-identical outputs and gradients
+    on ``repeats`` runs at each of ``threads`` and across them, or raises as PyTorch's own non-deterministic ops do (and
+    then only warns with ``warn_only=True``); else what went wrong."""
+    results = []
+    try:
+        with deterministic():
+            for n in threads:
+                with num_threads(n):
+                    results += [(n, case.run(backend)) for _ in range(repeats)]
+    except RuntimeError as e:
+        if NONDETERMINISTIC not in str(e):
+            raise
+        old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                case.run(backend)
+        finally:
+            torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        if not any(NONDETERMINISTIC in str(w.message) for w in caught):
+            return f"raises under deterministic algorithms but does not warn with warn_only=True: {e}"
+        return None
+    first_n, first = results[0]
+    for n, r in results[1:]:
+        diff = identical(first, r)
+        if diff:
+            return f"{first_n} thread(s) vs {n} thread(s): {diff}"
+    return None
