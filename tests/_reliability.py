@@ -60,8 +60,9 @@ class OpCase(NamedTuple):
 
 def upstream(out: Tensor) -> Tensor:
     """A fixed upstream gradient: a function of the position only, so every run sees the same one."""
+    # made on the output's device (no host copy: it runs inside CUDA graph capture too)
     n = out.numel()
-    return torch.linspace(-1.0, 1.0, n, dtype=torch.float64).reshape(out.shape).to(out.dtype).to(out.device)
+    return torch.linspace(-1.0, 1.0, n, dtype=torch.float64, device=out.device).reshape(out.shape).to(out.dtype)
 
 
 def cases(
@@ -105,6 +106,38 @@ def identical(a: Sequence[Tensor], b: Sequence[Tensor]) -> Optional[str]:
             bad = (~same).nonzero()[0].tolist()
             return f"result {i} differs at {bad}: {x.cpu()[tuple(bad)].item()} != {y.cpu()[tuple(bad)].item()}"
     return None
+
+
+def close(a: Sequence[Tensor], b: Sequence[Tensor], tol: dict) -> Optional[str]:
+    """None if the two result lists agree (integer results exactly, floating ones within ``tol``, a dict of rtol and
+    atol), else what differs."""
+    if len(a) != len(b):
+        return f"{len(a)} results != {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return f"result {i}: {tuple(x.shape)} {x.dtype} != {tuple(y.shape)} {y.dtype}"
+        if not x.is_floating_point():
+            if not torch.equal(x.cpu(), y.cpu()):
+                return f"result {i}: integer results differ"
+            continue
+        try:
+            torch.testing.assert_close(x.cpu().double(), y.cpu().double(), equal_nan=True, **tol)
+        except AssertionError as e:
+            return f"result {i}: {str(e).splitlines()[0]}"
+    return None
+
+
+def moved(case: OpCase, device, copy: bool = False) -> OpCase:
+    """``case`` with its tensor inputs (also inside lists and tuples) on ``device`` (``copy``: always copied)."""
+
+    def move(v):
+        if isinstance(v, Tensor):
+            return v.to(device, copy=copy)
+        if isinstance(v, (list, tuple)):
+            return type(v)(move(x) for x in v)
+        return v
+
+    return case._replace(inputs=move(case.inputs))
 
 
 def rss_bytes() -> int:
