@@ -37,6 +37,9 @@ for p in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, p)
 if not torch.cuda.is_available():  # the dry run's Triton kernels run interpreted; set before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# cuBLAS (the conv kernels' GEMMs) is deterministic under torch.use_deterministic_algorithms(True) only with a fixed
+# workspace; PyTorch raises without it. Set before the first cuBLAS call.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import _reliability as rel  # noqa: E402
 
