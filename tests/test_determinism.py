@@ -51,3 +51,33 @@ def test_triton_interpreted_deterministic(op):
     # the interpreter runs programs in Python, one at a time: one run per thread count checks run to run too
     problem = check_deterministic(case, "triton", repeats=1)
     assert problem is None, f"{case.id}: {problem}"
+
+
+class _Fake:
+    """Stands in for an OpCase: ``run`` does what a real op might."""
+
+    def __init__(self, run):
+        self.run = run
+
+
+def test_the_check_accepts_refusal_and_catches_drift():
+    """check_deterministic passes an op that refuses as PyTorch's non-deterministic ops do (error under the flag,
+    warning with warn_only=True), and fails one whose results change from run to run or one that refuses silently."""
+    from torch._prims_common import alert_not_deterministic
+
+    def refuses(backend):
+        alert_not_deterministic("a_fake_op")  # PyTorch's own refusal: raises, or warns under warn_only=True
+        return [torch.zeros(3)]
+
+    def drifts(backend):
+        return [torch.rand(3)]
+
+    def raises_but_never_warns(backend):
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError("a_fake_op does not have a deterministic implementation")
+        return [torch.zeros(3)]
+
+    assert check_deterministic(_Fake(refuses), "cpp") is None
+    assert "differs" in check_deterministic(_Fake(drifts), "cpp")
+    assert "does not warn" in check_deterministic(_Fake(raises_but_never_warns), "cpp")
+    assert not torch.are_deterministic_algorithms_enabled()  # the flag is restored
