@@ -2,7 +2,7 @@
 # One script for a lent GPU machine (torch preinstalled, no network): build for sm_90, run the CUDA and compiled
 # Triton tests, compute-sanitizer on small cases, and the benchmark runner on CUDA. Everything it prints also goes
 # to $OUT (or benchmarks/results/) as <card>-<date>.* files to commit. Each step runs even if an earlier one failed.
-#   bash benchmarks/gpu_check.sh            (at most ~10 minutes on an H100/H200: each step has a time limit)
+#   bash benchmarks/gpu_check.sh            (at most ~14 minutes on an H100/H200: each step has a time limit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -32,6 +32,7 @@ $PY -c "import visionops; print(visionops.build_info())" || { echo "IMPORT FAILE
 
 # Step limits (seconds) keep the whole script within a lent machine's time; newest kernels first in each step.
 T_NEW=${T_NEW:-170} T_TESTS=${T_TESTS:-110} T_SAN=${T_SAN:-60} T_BENCH_NEW=${T_BENCH_NEW:-90} T_BENCH=${T_BENCH:-120}
+T_REL=${T_REL:-120} T_RACE=${T_RACE:-90}
 NEW_TESTS=${NEW_TESTS:-"tests/test_rcnn.py tests/test_ssd.py tests/test_conv.py tests/test_multiclass_nms.py tests/test_matrix_nms.py tests/test_retinanet.py tests/test_xcorr.py tests/test_soft_nms.py"}
 NEW_BENCH=${NEW_BENCH:-"fast_rcnn_\w+|faster_rcnn_\w+|mask_rcnn_\w+|ssd_\w+|conv2d|conv3d|multiclass_nms|matrix_nms|xcorr|depthwise_xcorr|soft_nms"}
 
@@ -47,8 +48,15 @@ deselect=$(for f in $NEW_TESTS; do printf -- "--ignore=%s " "$f"; done)
 VISIONOPS_TEST_CUDA=1 timeout $T_TESTS $PY -m pytest tests $deselect -q --maxfail=10 -p no:cacheprovider \
   -k "cuda or triton" --junitxml="$out/${card}-${stamp}-tests.xml" || status=1
 
-step "compute-sanitizer memcheck on small cases"
+step "reliability of every op (C++ and Triton): side stream, memory leaks, determinism, CUDA graphs, second GPU"
+timeout $T_REL $PY benchmarks/cuda_reliability.py | tee "$out/${card}-${stamp}-reliability.txt" || status=1
+
+step "compute-sanitizer memcheck on small cases of every kernel"
 timeout $T_SAN compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitizer_cases.py || status=1
+
+step "compute-sanitizer racecheck (shared memory hazards) on the same cases"
+timeout $T_RACE compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 \
+  $PY benchmarks/sanitizer_cases.py || status=1
 
 step "benchmarks (CUDA), newest families first"
 timeout $T_BENCH_NEW $PY -m visionops.bench --device cuda --filter "$NEW_BENCH" --no-plot --out "$out/new" || status=1
