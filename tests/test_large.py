@@ -6,9 +6,9 @@ time with ``python -m pytest tests/test_large.py --runslow -q``) put the region 
 input or an output, and compare a few sampled outputs with the reference run on a small crop of the inputs. Inputs
 are filled as row + column (+ channel) values, so an offset that wrapped around would read a different value.
 Triton kernels cannot be run interpreted at this size: the tests here check their limits and index helpers, and
-``test_triton_offsets_are_int64`` compiles the kernels for sm_90 and checks that their block offsets are formed in
-int64 (on a GPU machine, run this file with ``--runslow`` and ``VISIONOPS_TEST_CUDA=1`` and ``device=cuda``; see
-``BIG_CUDA`` below).
+``python -m visionops.triton.compile_check`` (tests/test_triton_compile.py) compiles every kernel for sm_90 and checks
+that the kernels whose grid runs over flat indices widen their program id to int64 first (on a GPU machine: ``VISIONOPS_LARGE_DEVICE=cuda`` runs the big tests on the C++ CUDA kernels, and with
+``VISIONOPS_LARGE_BACKEND=triton VISIONOPS_TEST_CUDA=1`` on the compiled Triton kernels).
 """
 
 import os
@@ -72,15 +72,19 @@ def test_box_iou_output_past_2_31():
 
 @slow
 def test_grid_anchors_output_past_2_31():
+    # two images of 441e6 anchors: each image's 1.76e9 values fit in int32 offsets, the [2, N, 4] output (7 GB of
+    # float16) does not, so image 1's rows 1500+ lie past element 2^31
+    from visionops.ops.anchors import _grid_anchors_op
+
     cells = visionops.cell_anchors((32, 64, 128), (0.5, 1.0, 2.0), dtype=torch.float16).to(DEVICE)  # 9 anchors
-    H = W = 8640
-    out = visionops.grid_anchors([(H, W)], [(4, 4)], [cells], offset=0.5, backend=BACKEND)
-    assert out.shape == (H * W * 9, 4) and _past(out)  # 2.69e9 elements, 5.4 GB
-    for y, x in ((0, 0), (7000, 123), (8639, 8639)):  # row 6906+ lies past element 2^31
+    H = W = 7000
+    out = _grid_anchors_op(cells.float(), [9], [H, W], [4.0, 4.0], 0.5, 2, torch.float16, BACKEND)
+    assert out.shape == (2, H * W * 9, 4) and _past(out)
+    for image, y, x in ((0, 0, 0), (1, 0, 3), (1, 3000, 123), (1, 6999, 6999), (0, 6999, 6998)):
         k = (y * W + x) * 9
         exp = ref_anchors.grid_anchors([(1, 1)], [(4, 4)], [cells.cpu()], offset=0.5).float()
         exp = (exp + torch.tensor([x, y, x, y], dtype=torch.float64).float() * 4).to(torch.float16)
-        torch.testing.assert_close(out[k : k + 9].cpu(), exp)
+        torch.testing.assert_close(out[image, k : k + 9].cpu(), exp)
 
 
 @slow
@@ -289,6 +293,8 @@ def test_narrow_program_id_uses_finds_32_bit_arithmetic():
 
 def test_triton_limits_are_clear_errors():
     # each refused before any large allocation: expanded (stride-0) inputs take no memory
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors through the Triton backend need the interpreter")
     rois = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]])
     plane = torch.zeros(1, 1, 1, 1).expand(1, 1, 65536, 32768)
     with pytest.raises(ValueError, match="roi_pool: input's H \\* W must be below 2\\^31"):
