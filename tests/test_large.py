@@ -7,7 +7,8 @@ input or an output, and compare a few sampled outputs with the reference run on 
 are filled as row + column (+ channel) values, so an offset that wrapped around would read a different value.
 Triton kernels cannot be run interpreted at this size: the tests here check their limits and index helpers, and
 ``python -m visionops.triton.compile_check`` (tests/test_triton_compile.py) compiles every kernel for sm_90 and checks
-that the kernels whose grid runs over flat indices widen their program id to int64 first (on a GPU machine: ``VISIONOPS_LARGE_DEVICE=cuda`` runs the big tests on the C++ CUDA kernels, and with
+that the kernels whose grid runs over flat indices widen their program id to int64 first (on a GPU machine:
+``VISIONOPS_LARGE_DEVICE=cuda`` runs the big tests on the C++ CUDA kernels, and with
 ``VISIONOPS_LARGE_BACKEND=triton VISIONOPS_TEST_CUDA=1`` on the compiled Triton kernels).
 """
 
@@ -65,6 +66,19 @@ def test_box_iou_output_past_2_31():
         rows = slice(r, r + 1)
         exp = visionops.box_iou(a[rows].cpu(), b.cpu(), backend="reference")
         torch.testing.assert_close(out[rows].cpu(), exp, atol=2e-3, rtol=2e-3)
+
+
+@slow
+@pytest.mark.skipif(DEVICE == "cpu", reason="the CPU NMS keeps no bitmask; run with VISIONOPS_LARGE_DEVICE=cuda")
+def test_nms_bitmask_past_2_31():
+    # 400k boxes of one class: the GPU kernels' [N, N / 64] bitmask has 2.5e9 words (20 GB), past 2^31
+    g = torch.Generator().manual_seed(16)
+    n = 400_000
+    xy = torch.rand(n, 2, generator=g) * 20000
+    boxes = torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 40], 1)
+    scores = torch.rand(n, generator=g)
+    keep = visionops.nms(boxes.to(DEVICE), scores.to(DEVICE), 0.5, backend=BACKEND)
+    assert torch.equal(keep.cpu(), visionops.nms(boxes, scores, 0.5, backend="cpp"))
 
 
 # ---- box coder and anchors -------------------------------------------------------------------------------------
@@ -310,3 +324,24 @@ def test_triton_limits_are_clear_errors():
     w = torch.zeros(1, 1, 1, 1).expand(groups, 2, 1, 1)
     with pytest.raises(ValueError, match="conv2d: groups must be at most 65535"):
         visionops.conv2d(x, w, groups=groups, backend="triton")
+
+
+@slow
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs about 20 GB; run with VISIONOPS_LARGE_DEVICE=cuda")
+def test_conv2d_backward_positions_past_2_31():
+    # 2^31+ input and output positions: grad_input's flat index and grad_weight's sum over batch x positions pass
+    # 2^31. grad is zero except at a few positions, so both gradients are known from small crops.
+    x = _filled((1, 1, 46344, 46344), torch.float16, seed=14).requires_grad_()  # 4.3 GB
+    w = torch.randn(1, 1, 3, 3, generator=torch.Generator().manual_seed(15)).to(torch.float16).to(DEVICE)
+    w.requires_grad_()
+    out = visionops.conv2d(x, w, backend=BACKEND)  # [1, 1, 46342, 46342]: 2.15e9 positions
+    assert _past(out)
+    grad = torch.zeros_like(out)
+    spots = [(0, 0), (46341, 46341), (46340, 5), (23170, 23171)]  # the last three lie past position 2^31 / 2^31 - 1
+    for y, xx in spots:
+        grad[0, 0, y, xx] = 1
+    gx, gw = torch.autograd.grad(out, (x, w), grad)
+    exp_gw = sum(x[0, 0, y : y + 3, xx : xx + 3].detach().float().cpu() for y, xx in spots)
+    torch.testing.assert_close(gw[0, 0].float().cpu(), exp_gw, atol=2e-2, rtol=2e-3)
+    for y, xx in spots:  # each spot's grad_input window is w (no two spots' windows overlap)
+        torch.testing.assert_close(gx[0, 0, y : y + 3, xx : xx + 3].cpu(), w[0, 0].detach().cpu())

@@ -80,7 +80,7 @@ def nms_gather_kernel(
     k_ar = tl.arange(0, BLOCK)
     w_ar = tl.arange(0, WORDS)
     for rb in range(0, col_blocks):
-        row0 = rb.to(tl.int64) * BLOCK  # int64: row * W indexes an [n, W] mask that can pass 2^31 words
+        row0 = tl.cast(rb, tl.int64) * BLOCK  # int64: row * W indexes an [n, W] mask that can pass 2^31 words
         rows = row0 + k_ar.to(tl.int64)
         rmask = rows < n
         rem = tl.load(removed_ptr + rb)

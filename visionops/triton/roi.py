@@ -220,9 +220,9 @@ def _pool_max(x_ptr, cs, cmask, sxc, sxh, sxw, h0, h1, w0, w1, W, BLOCK_C: tl.co
     best = tl.zeros([BLOCK_C], dtype=tl.float32) + tl.where(empty, 0.0, -FLT_MAX)
     arg = tl.zeros([BLOCK_C], dtype=tl.int32) - 1
     for h in range(h0, h1):
-        x_row = x_ptr + cs.to(tl.int64) * sxc + h.to(tl.int64) * sxh  # int64: row offsets can pass 2^31
+        x_row = x_ptr + cs.to(tl.int64) * sxc + tl.cast(h, tl.int64) * sxh  # int64: can pass 2^31
         for w in range(w0, w1):
-            v = tl.load(x_row + w.to(tl.int64) * sxw, mask=cmask, other=0.0).to(tl.float32)
+            v = tl.load(x_row + tl.cast(w, tl.int64) * sxw, mask=cmask, other=0.0).to(tl.float32)
             gt = v > best  # strict: the first maximum wins; NaN never does
             best = tl.where(gt, v, best)
             arg = tl.where(gt, h * W + w, arg)
