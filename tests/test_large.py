@@ -121,7 +121,152 @@ def test_decode_boxes_past_2_31():
         torch.testing.assert_close(out[r : r + 1].cpu(), exp)
 
 
-# ---- RoIAlign / RoIPool / MultiScaleRoIAlign --------------------------------------------------------------------
+# ---- xcorr ------------------------------------------------------------------------------------------------------
+
+
+@slow
+def test_xcorr_input_past_2_31():
+    # x [1, 16, 11586, 11586] channels_last float32: 2.15e9 elements (8.6 GB), read in place (a float32 channels_last
+    # block of whole vectors needs no gathered copy); rows 11585+ lie past element 2^31
+    x = _filled((1, 16, 11586, 11586), torch.float32, torch.channels_last, seed=6)
+    z = _filled((1, 16, 3, 4), torch.float32, seed=7)
+    out = visionops.xcorr(z, x, 0.5, backend=BACKEND)
+    assert _past(x)
+    for y, xx in ((0, 0), (11583, 11582), (11583, 17), (6000, 6000)):
+        crop = x[:, :, y : y + 3, xx : xx + 4].cpu()
+        exp = visionops.xcorr(z.cpu(), crop, 0.5, backend="reference")
+        torch.testing.assert_close(out[:, :, y : y + 1, xx : xx + 1].cpu(), exp, atol=1e-3, rtol=1e-4)
+
+
+@slow
+def test_depthwise_xcorr_output_past_2_31():
+    # x expanded over a batch of 300 (stride 0: 16 MB of memory); the output [300, 2, 2046, 2046] is 2.5e9 elements
+    base = _filled((1, 2, 2048, 2048), torch.float16, seed=7)
+    x = base.expand(300, 2, 2048, 2048)
+    z = _filled((300, 2, 3, 3), torch.float16, seed=8)
+    out = visionops.depthwise_xcorr(z, x, backend=BACKEND)
+    assert _past(out)
+    for b, y, xx in ((0, 0, 0), (299, 2045, 2045), (280, 1000, 7)):  # batch 257+ lies past element 2^31
+        exp = visionops.depthwise_xcorr(z[b : b + 1].cpu(), base[:, :, y : y + 3, xx : xx + 3].cpu(),
+                                        backend="reference")  # fmt: skip
+        torch.testing.assert_close(out[b : b + 1, :, y : y + 1, xx : xx + 1].cpu(), exp, atol=2e-2, rtol=2e-3)
+
+
+# ---- conv2d / conv3d --------------------------------------------------------------------------------------------
+
+
+@slow
+def test_conv2d_output_past_2_31():
+    # [1, 2, 11588, 11588] channels_last float32 in (1 GB), [1, 16, 11586, 11586] out: 2.15e9 elements (8.6 GB)
+    x = _filled((1, 2, 11588, 11588), torch.float32, torch.channels_last, seed=9)
+    w = torch.randn(16, 2, 3, 3, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    bias = torch.randn(16, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    out = visionops.conv2d(x, w, bias, backend=BACKEND)
+    assert _past(out)
+    for y, xx in ((0, 0), (11585, 11585), (11000, 300)):  # channels_last: rows 11585+ lie past element 2^31
+        crop = x[:, :, y : y + 3, xx : xx + 3].cpu()
+        exp = visionops.conv2d(crop, w.cpu(), bias.cpu(), backend="reference")
+        torch.testing.assert_close(out[:, :, y : y + 1, xx : xx + 1].cpu(), exp, atol=1e-4, rtol=1e-4)
+
+
+@slow
+def test_conv3d_input_past_2_31():
+    # [1, 2, 1040, 1040, 1000] channels_last_3d float32: 2.16e9 elements (8.7 GB) in, a strided output
+    x = _filled((1, 2, 1040, 1040, 1000), torch.float32, torch.channels_last_3d, seed=12)
+    w = torch.randn(8, 2, 3, 3, 3, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    out = visionops.conv3d(x, w, None, stride=4, backend=BACKEND)
+    for d, y, xx in ((0, 0, 0), (259, 259, 249), (258, 100, 3)):  # depth 1033+ lies past element 2^31
+        crop = x[:, :, 4 * d : 4 * d + 3, 4 * y : 4 * y + 3, 4 * xx : 4 * xx + 3].cpu()
+        exp = visionops.conv3d(crop, w.cpu(), None, backend="reference")
+        torch.testing.assert_close(out[:, :, d : d + 1, y : y + 1, xx : xx + 1].cpu(), exp, atol=1e-4, rtol=1e-4)
+
+
+@slow
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs about 30 GB; run with VISIONOPS_LARGE_DEVICE=cuda")
+def test_conv2d_backward_positions_past_2_31():
+    # 2^31+ input and output positions: grad_input's flat index and grad_weight's sum over batch x positions pass
+    # 2^31. grad is zero except at a few positions, so both gradients are known from small crops. (A 1x2 kernel:
+    # the C++ CUDA grad_input's column buffer for one channel is taps x positions floats.)
+    x = _filled((1, 1, 46344, 46344), torch.float16, seed=14).requires_grad_()  # 4.3 GB
+    w = torch.randn(1, 1, 1, 2, generator=torch.Generator().manual_seed(15)).to(torch.float16).to(DEVICE)
+    w.requires_grad_()
+    out = visionops.conv2d(x, w, backend=BACKEND)  # [1, 1, 46344, 46343]: 2.15e9 positions
+    assert _past(out)
+    grad = torch.zeros_like(out)
+    spots = [(0, 0), (46343, 46342), (46341, 5), (23170, 23171)]  # the second and third lie past position 2^31
+    for y, xx in spots:
+        grad[0, 0, y, xx] = 1
+    gx, gw = torch.autograd.grad(out, (x, w), grad)
+    exp_gw = sum(x[0, 0, y : y + 1, xx : xx + 2].detach().float().cpu() for y, xx in spots)
+    torch.testing.assert_close(gw[0, 0].float().cpu(), exp_gw, atol=2e-2, rtol=2e-3)
+    for y, xx in spots:  # each spot's grad_input window is w (no two spots' windows overlap)
+        torch.testing.assert_close(gx[0, 0, y : y + 1, xx : xx + 2].cpu(), w[0, 0].detach().cpu())
+
+
+# ---- Triton: index helpers and limits (interpreted; no big memory) -----------------------------------------------
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+
+@triton.jit
+def _block_probe(out_ptr, pid, S1, S2, S3, BLOCK: tl.constexpr):
+    from visionops.triton.conv import _block, _unpack4
+
+    r = _block(pid, BLOCK)
+    b, d, h, w = _unpack4(r, S1, S2, S3)
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, r)
+    tl.store(out_ptr + BLOCK + offs, b.to(tl.int64))
+    tl.store(out_ptr + 2 * BLOCK + offs, w.to(tl.int64))
+
+
+@pytest.mark.parametrize("pid", [0, 2**25 - 1, 2**26 + 3, 2**31 - 1])
+def test_triton_conv_block_indices_are_int64(pid):
+    # the conv kernels' flat index over batch x positions: program id x BLOCK passes 2^31 from program 2^25 on
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the helper interpreted, on CPU tensors")
+    block, S1, S2, S3 = 64, 7, 1000, 999
+    out = torch.empty(3 * block, dtype=torch.int64)
+    _block_probe[(1,)](out, pid, S1, S2, S3, BLOCK=block)
+    r = pid * block + torch.arange(block, dtype=torch.int64)
+    assert torch.equal(out[:block], r)
+    assert torch.equal(out[block : 2 * block], r // (S1 * S2 * S3))
+    assert torch.equal(out[2 * block :], r % S3)
+
+
+def test_narrow_program_id_uses_finds_32_bit_arithmetic():
+    from visionops.triton.compile_check import narrow_program_id_uses
+
+    wide = "%pid = tt.get_program_id x : i32 loc(#loc1)\n%pid_1 = arith.extsi %pid : i32 to i64 loc(#loc2)\n"
+    narrow = "%pid = tt.get_program_id x : i32 loc(#loc1)\n%pid_10 = arith.muli %pid, %c64_i32 : i32 loc(#loc2)\n"
+    assert narrow_program_id_uses(wide) == []
+    assert narrow_program_id_uses(narrow) == ["%pid_10 = arith.muli %pid, %c64_i32 : i32 loc(#loc2)"]
+    assert narrow_program_id_uses("%x = arith.constant 1 : i32") == []
+
+
+def test_triton_limits_are_clear_errors():
+    # each refused before any large allocation: expanded (stride-0) inputs take no memory
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors through the Triton backend need the interpreter")
+    rois = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]])
+    plane = torch.zeros(1, 1, 1, 1).expand(1, 1, 65536, 32768)
+    with pytest.raises(ValueError, match="roi_pool: input's H \\* W must be below 2\\^31"):
+        visionops.roi_pool(plane, rois, 2, backend="triton")
+    with pytest.raises(ValueError, match="xcorr: x's H \\* W must be below 2\\^31"):
+        visionops.xcorr(torch.zeros(1, 1, 2, 2), plane, backend="triton")
+    with pytest.raises(ValueError, match="depthwise_xcorr: x's H \\* W must be below 2\\^31"):
+        visionops.depthwise_xcorr(torch.zeros(1, 1, 2, 2), plane, backend="triton")
+    with pytest.raises(ValueError, match="box_iou: boxes2 must have at most"):
+        visionops.box_iou(torch.zeros(1, 4), torch.zeros(1, 4).expand(65535 * 32 + 1, 4), backend="triton")
+    groups = 65536
+    x = torch.zeros(1, 1, 1, 1).expand(1, 2 * groups, 1, 1)
+    w = torch.zeros(1, 1, 1, 1).expand(groups, 2, 1, 1)
+    with pytest.raises(ValueError, match="conv2d: groups must be at most 65535"):
+        visionops.conv2d(x, w, groups=groups, backend="triton")
+
+
+# ---- RoIAlign / RoIPool / MultiScaleRoIAlign (last: their shared input lives until the module ends) ---------
 
 # [1, 2, 36864, 36864] float16 channels_last: 2.72e9 elements (5.4 GB), read in place by every RoI kernel. Element
 # (c, y, x) is at (y * W + x) * 2 + c: rows y > 29127 lie past element 2^31.
@@ -201,147 +346,3 @@ def test_roi_pool_plane_limit_is_a_clear_error():
     rois = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]])
     with pytest.raises(ValueError, match="2\\^31"):
         visionops.roi_pool(x, rois, 2, backend="cpp")
-
-
-# ---- xcorr ------------------------------------------------------------------------------------------------------
-
-
-@slow
-def test_xcorr_input_past_2_31():
-    # x [1, 16, 11586, 11586] channels_last float32: 2.15e9 elements (8.6 GB), read in place (a float32 channels_last
-    # block of whole vectors needs no gathered copy); rows 11585+ lie past element 2^31
-    x = _filled((1, 16, 11586, 11586), torch.float32, torch.channels_last, seed=6)
-    z = _filled((1, 16, 3, 4), torch.float32, seed=7)
-    out = visionops.xcorr(z, x, 0.5, backend=BACKEND)
-    assert _past(x)
-    for y, xx in ((0, 0), (11583, 11582), (11583, 17), (6000, 6000)):
-        crop = x[:, :, y : y + 3, xx : xx + 4].cpu()
-        exp = visionops.xcorr(z.cpu(), crop, 0.5, backend="reference")
-        torch.testing.assert_close(out[:, :, y : y + 1, xx : xx + 1].cpu(), exp, atol=1e-3, rtol=1e-4)
-
-
-@slow
-def test_depthwise_xcorr_output_past_2_31():
-    # x expanded over a batch of 300 (stride 0: 16 MB of memory); the output [300, 2, 2046, 2046] is 2.5e9 elements
-    base = _filled((1, 2, 2048, 2048), torch.float16, seed=7)
-    x = base.expand(300, 2, 2048, 2048)
-    z = _filled((300, 2, 3, 3), torch.float16, seed=8)
-    out = visionops.depthwise_xcorr(z, x, backend=BACKEND)
-    assert _past(out)
-    for b, y, xx in ((0, 0, 0), (299, 2045, 2045), (280, 1000, 7)):  # batch 257+ lies past element 2^31
-        exp = visionops.depthwise_xcorr(z[b : b + 1].cpu(), base[:, :, y : y + 3, xx : xx + 3].cpu(),
-                                        backend="reference")  # fmt: skip
-        torch.testing.assert_close(out[b : b + 1, :, y : y + 1, xx : xx + 1].cpu(), exp, atol=2e-2, rtol=2e-3)
-
-
-# ---- conv2d / conv3d --------------------------------------------------------------------------------------------
-
-
-@slow
-def test_conv2d_output_past_2_31():
-    # [1, 2, 11588, 11588] channels_last float32 in (1 GB), [1, 16, 11586, 11586] out: 2.15e9 elements (8.6 GB)
-    x = _filled((1, 2, 11588, 11588), torch.float32, torch.channels_last, seed=9)
-    w = torch.randn(16, 2, 3, 3, generator=torch.Generator().manual_seed(10)).to(DEVICE)
-    bias = torch.randn(16, generator=torch.Generator().manual_seed(11)).to(DEVICE)
-    out = visionops.conv2d(x, w, bias, backend=BACKEND)
-    assert _past(out)
-    for y, xx in ((0, 0), (11585, 11585), (11000, 300)):  # channels_last: rows 11585+ lie past element 2^31
-        crop = x[:, :, y : y + 3, xx : xx + 3].cpu()
-        exp = visionops.conv2d(crop, w.cpu(), bias.cpu(), backend="reference")
-        torch.testing.assert_close(out[:, :, y : y + 1, xx : xx + 1].cpu(), exp, atol=1e-4, rtol=1e-4)
-
-
-@slow
-def test_conv3d_input_past_2_31():
-    # [1, 2, 1040, 1040, 1000] channels_last_3d float32: 2.16e9 elements (8.7 GB) in, a strided output
-    x = _filled((1, 2, 1040, 1040, 1000), torch.float32, torch.channels_last_3d, seed=12)
-    w = torch.randn(8, 2, 3, 3, 3, generator=torch.Generator().manual_seed(13)).to(DEVICE)
-    out = visionops.conv3d(x, w, None, stride=4, backend=BACKEND)
-    for d, y, xx in ((0, 0, 0), (259, 259, 249), (258, 100, 3)):  # depth 1033+ lies past element 2^31
-        crop = x[:, :, 4 * d : 4 * d + 3, 4 * y : 4 * y + 3, 4 * xx : 4 * xx + 3].cpu()
-        exp = visionops.conv3d(crop, w.cpu(), None, backend="reference")
-        torch.testing.assert_close(out[:, :, d : d + 1, y : y + 1, xx : xx + 1].cpu(), exp, atol=1e-4, rtol=1e-4)
-
-
-# ---- Triton: index helpers and limits (interpreted; no big memory) -----------------------------------------------
-
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
-
-
-@triton.jit
-def _block_probe(out_ptr, pid, S1, S2, S3, BLOCK: tl.constexpr):
-    from visionops.triton.conv import _block, _unpack4
-
-    r = _block(pid, BLOCK)
-    b, d, h, w = _unpack4(r, S1, S2, S3)
-    offs = tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, r)
-    tl.store(out_ptr + BLOCK + offs, b.to(tl.int64))
-    tl.store(out_ptr + 2 * BLOCK + offs, w.to(tl.int64))
-
-
-@pytest.mark.parametrize("pid", [0, 2**25 - 1, 2**26 + 3, 2**31 - 1])
-def test_triton_conv_block_indices_are_int64(pid):
-    # the conv kernels' flat index over batch x positions: program id x BLOCK passes 2^31 from program 2^25 on
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs the helper interpreted, on CPU tensors")
-    block, S1, S2, S3 = 64, 7, 1000, 999
-    out = torch.empty(3 * block, dtype=torch.int64)
-    _block_probe[(1,)](out, pid, S1, S2, S3, BLOCK=block)
-    r = pid * block + torch.arange(block, dtype=torch.int64)
-    assert torch.equal(out[:block], r)
-    assert torch.equal(out[block : 2 * block], r // (S1 * S2 * S3))
-    assert torch.equal(out[2 * block :], r % S3)
-
-
-def test_narrow_program_id_uses_finds_32_bit_arithmetic():
-    from visionops.triton.compile_check import narrow_program_id_uses
-
-    wide = "%pid = tt.get_program_id x : i32 loc(#loc1)\n%pid_1 = arith.extsi %pid : i32 to i64 loc(#loc2)\n"
-    narrow = "%pid = tt.get_program_id x : i32 loc(#loc1)\n%pid_10 = arith.muli %pid, %c64_i32 : i32 loc(#loc2)\n"
-    assert narrow_program_id_uses(wide) == []
-    assert narrow_program_id_uses(narrow) == ["%pid_10 = arith.muli %pid, %c64_i32 : i32 loc(#loc2)"]
-    assert narrow_program_id_uses("%x = arith.constant 1 : i32") == []
-
-
-def test_triton_limits_are_clear_errors():
-    # each refused before any large allocation: expanded (stride-0) inputs take no memory
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("CPU tensors through the Triton backend need the interpreter")
-    rois = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]])
-    plane = torch.zeros(1, 1, 1, 1).expand(1, 1, 65536, 32768)
-    with pytest.raises(ValueError, match="roi_pool: input's H \\* W must be below 2\\^31"):
-        visionops.roi_pool(plane, rois, 2, backend="triton")
-    with pytest.raises(ValueError, match="xcorr: x's H \\* W must be below 2\\^31"):
-        visionops.xcorr(torch.zeros(1, 1, 2, 2), plane, backend="triton")
-    with pytest.raises(ValueError, match="depthwise_xcorr: x's H \\* W must be below 2\\^31"):
-        visionops.depthwise_xcorr(torch.zeros(1, 1, 2, 2), plane, backend="triton")
-    with pytest.raises(ValueError, match="box_iou: boxes2 must have at most"):
-        visionops.box_iou(torch.zeros(1, 4), torch.zeros(1, 4).expand(65535 * 32 + 1, 4), backend="triton")
-    groups = 65536
-    x = torch.zeros(1, 1, 1, 1).expand(1, 2 * groups, 1, 1)
-    w = torch.zeros(1, 1, 1, 1).expand(groups, 2, 1, 1)
-    with pytest.raises(ValueError, match="conv2d: groups must be at most 65535"):
-        visionops.conv2d(x, w, groups=groups, backend="triton")
-
-
-@slow
-@pytest.mark.skipif(DEVICE == "cpu", reason="needs about 20 GB; run with VISIONOPS_LARGE_DEVICE=cuda")
-def test_conv2d_backward_positions_past_2_31():
-    # 2^31+ input and output positions: grad_input's flat index and grad_weight's sum over batch x positions pass
-    # 2^31. grad is zero except at a few positions, so both gradients are known from small crops.
-    x = _filled((1, 1, 46344, 46344), torch.float16, seed=14).requires_grad_()  # 4.3 GB
-    w = torch.randn(1, 1, 3, 3, generator=torch.Generator().manual_seed(15)).to(torch.float16).to(DEVICE)
-    w.requires_grad_()
-    out = visionops.conv2d(x, w, backend=BACKEND)  # [1, 1, 46342, 46342]: 2.15e9 positions
-    assert _past(out)
-    grad = torch.zeros_like(out)
-    spots = [(0, 0), (46341, 46341), (46340, 5), (23170, 23171)]  # the last three lie past position 2^31 / 2^31 - 1
-    for y, xx in spots:
-        grad[0, 0, y, xx] = 1
-    gx, gw = torch.autograd.grad(out, (x, w), grad)
-    exp_gw = sum(x[0, 0, y : y + 3, xx : xx + 3].detach().float().cpu() for y, xx in spots)
-    torch.testing.assert_close(gw[0, 0].float().cpu(), exp_gw, atol=2e-2, rtol=2e-3)
-    for y, xx in spots:  # each spot's grad_input window is w (no two spots' windows overlap)
-        torch.testing.assert_close(gx[0, 0, y : y + 3, xx : xx + 3].cpu(), w[0, 0].detach().cpu())
