@@ -61,7 +61,9 @@ def _grid_anchors_kernel(
     y2 = sy + tl.load(c + 3, mask=valid, other=0.0)
     ty = out_ptr.dtype.element_ty
     for i in range(num_images):
-        o = out_ptr + 4 * (i * total + idx)
+        o = out_ptr + 4 * (
+            tl.cast(i, tl.int64) * total + idx
+        )  # int64: images x anchors can pass 2^31 with total below it
         tl.store(o, x1.to(ty), mask=valid)
         tl.store(o + 1, y1.to(ty), mask=valid)
         tl.store(o + 2, x2.to(ty), mask=valid)

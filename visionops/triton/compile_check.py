@@ -1,14 +1,46 @@
 """Compile every Triton kernel of visionops for a GPU target without a GPU: `python -m visionops.triton.compile_check`.
 
 The interpreter (TRITON_INTERPRET=1) accepts kernels that real compilation rejects, so CI runs this too. Each module
-in visionops/triton/ lists its kernels in `compile_specs()`. Must run with TRITON_INTERPRET unset.
+in visionops/triton/ lists its kernels in `compile_specs()`. Must run with TRITON_INTERPRET unset. Kernels whose grid
+runs over flat indices that can pass 2^31 are also checked to widen their program id to int64 (WIDE_PROGRAM_ID).
 """
 
 import argparse
 import importlib
 import os
 import pkgutil
+import re
 import sys
+
+# Kernels whose first grid axis runs over flat indices that can pass 2^31 (elements, boxes, or batch x positions):
+# the program id must be widened to int64 before any arithmetic (pid.to(tl.int64) * BLOCK); a 32-bit product would
+# wrap around. (RoI kernels index RoI bins, checked below 2^31 by their launchers; xcorr tiles of one plane likewise.)
+WIDE_PROGRAM_ID = (
+    "anchors.",
+    "box_coder.",
+    "conv._conv_fwd_kernel",
+    "conv._conv_dgrad_kernel",
+    "conv._conv_depthwise_kernel",
+    "conv._sum_splits_kernel",
+    "nms.box_iou_kernel",
+    "nms.box_iou_backward_kernel",
+    "matrix_nms.",
+)
+
+
+def narrow_program_id_uses(ttir: str, axis: str = "x"):
+    """Lines of a kernel's Triton IR that use the program id of `axis` other than to sign-extend it to i64: empty when
+    every use widens it first."""
+    found = re.search(rf"(%[\w.]+) = tt\.get_program_id {axis} : i32", ttir)
+    if found is None:
+        return []
+    name = re.escape(found.group(1))
+    uses = [line.strip() for line in ttir.splitlines() if re.search(name + r"(?![\w.])", line)]
+    return [
+        line
+        for line in uses
+        if not re.match(rf"%[\w.]+ = (tt\.get_program_id {axis}|arith\.extsi {name} : i32 to i64)\b", line)
+    ]
 
 
 def specs():
@@ -42,7 +74,10 @@ def main(argv=None) -> int:
             )
             ok = len(kernel.asm["cubin"]) > 0 and f".target sm_{args.arch}" in kernel.asm["ptx"]
             print(f"{'ok  ' if ok else 'FAIL'} {name} {signature if not ok else ''}")
-            failures += not ok
+            narrow = narrow_program_id_uses(kernel.asm["ttir"]) if name.startswith(WIDE_PROGRAM_ID) else []
+            if narrow:
+                print(f"FAIL {name}: program_id(0) used in 32-bit arithmetic: {narrow[0]}")
+            failures += (not ok) or bool(narrow)
         except Exception as e:  # report every kernel, then fail
             print(f"FAIL {name}: {type(e).__name__}: {e}")
             failures += 1

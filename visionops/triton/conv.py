@@ -64,6 +64,21 @@ def _split4(r, S1, S2, S3):
 
 
 @triton.jit
+def _block(pid, BLOCK: tl.constexpr):
+    """Flat indices [pid * BLOCK, (pid + 1) * BLOCK) in int64: an axis over batch x positions can pass 2^31 (a
+    program id is int32, and so would be the product)."""
+    return pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _unpack4(r, S1, S2, S3):
+    """_split4 of a flat index r (int64 when the axis can pass 2^31), the parts as int32: each is below its own size,
+    so the per-tap arithmetic stays 32-bit and only the offsets it feeds are widened."""
+    a, b, c, d = _split4(r, S1, S2, S3)
+    return a.to(tl.int32), b.to(tl.int32), c.to(tl.int32), d.to(tl.int32)
+
+
+@triton.jit
 def _mma(acc, a, b, F64: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:  # see _upcast(): the same exact products, as float32
         a = a.to(tl.float32)
@@ -103,9 +118,9 @@ def _conv_fwd_kernel(
     """grid (M tiles, N tiles, groups): out[b, g * Cog + n, od, oh, ow] for the tile's output positions m."""
     acc_t = tl.float64 if F64 else tl.float32
     g = tl.program_id(2)
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = _block(tl.program_id(0), BLOCK_M)
     mmask = rm < M
-    b, od, oh, ow = _split4(rm, Do, Ho, Wo)
+    b, od, oh, ow = _unpack4(rm, Do, Ho, Wo)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < Cog
     co = (g * Cog + rn).to(tl.int64)
@@ -165,9 +180,9 @@ def _conv_dgrad_kernel(
     taps t that reach (id, ih, iw) from an output position o of g[b, co, o] * w[co, n, t]."""
     acc_t = tl.float64 if F64 else tl.float32
     grp = tl.program_id(2)
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = _block(tl.program_id(0), BLOCK_M)
     mmask = rm < M
-    b, idd, ih, iw = _split4(rm, D, H, W)
+    b, idd, ih, iw = _unpack4(rm, D, H, W)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < Cg
     ci = (grp * Cg + rn).to(tl.int64)
@@ -219,13 +234,14 @@ def _conv_wgrad_kernel(
     sdo, sdi, sdd, sdh, sdw, sds,
     sbs,
     st_d, st_h, st_w, pa_d, pa_h, pa_w, di_d, di_h, di_w,
-    WANT_W: tl.constexpr, WANT_BIAS: tl.constexpr, F64: tl.constexpr, UPCAST: tl.constexpr,
+    WANT_W: tl.constexpr, WANT_BIAS: tl.constexpr, F64: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """grid (M tiles, N tiles, groups * n_split): gw[s, g * Cog + m, c, t] = sum over the split's share of the K batch
     x output positions of g[b, g * Cog + m, o] * x[b, g * Cg + c, o * stride - padding + t * dilation], and for the
     first N tile gb[s, g * Cog + m] = the same sum of g. gw / gb are partial buffers (stride sds / sbs per split) or,
-    with one split, the results themselves."""
+    with one split, the results themselves. IDX64: K (+ BLOCK_K) passes 2^31, so the K loop indexes in int64 (a
+    compile-time choice: the loop's index splits stay 32-bit for every smaller problem)."""
     acc_t = tl.float64 if F64 else tl.float32
     grp = tl.program_id(2) // n_split
     split = tl.program_id(2) % n_split
@@ -242,12 +258,15 @@ def _conv_wgrad_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
     acc_b = tl.zeros([BLOCK_M], dtype=acc_t)
     bias_tile = tl.program_id(1) == 0
-    k_lo = split * k_per_split
+    if IDX64:
+        k_lo = split.to(tl.int64) * k_per_split
+    else:
+        k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         km = ks < k_hi
-        b, od, oh, ow = _split4(ks, Do, Ho, Wo)
+        b, od, oh, ow = _unpack4(ks, Do, Ho, Wo)
         g_off = b.to(tl.int64) * sgb + od.to(tl.int64) * sgd + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
         a = tl.load(g_m[:, None] + g_off[None, :], mask=mmask[:, None] & km[None, :], other=0.0)
         if WANT_BIAS:
@@ -262,12 +281,12 @@ def _conv_wgrad_kernel(
             x = tl.load(x_n[None, :] + x_off + iw.to(tl.int64) * sxw, mask=ok, other=0.0)
             acc = _mma(acc, a, x, F64, UPCAST)
     if WANT_W:
-        dst = gw_ptr + split * sds + co[:, None] * sdo
+        dst = gw_ptr + split.to(tl.int64) * sds + co[:, None] * sdo
         dst += (cn * sdi + kd * sdd + kh * sdh + kw * sdw)[None, :]
         tl.store(dst, acc.to(gw_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
     if WANT_BIAS:
         if bias_tile:
-            tl.store(gb_ptr + split * sbs + co, acc_b.to(gb_ptr.dtype.element_ty), mask=mmask)
+            tl.store(gb_ptr + split.to(tl.int64) * sbs + co, acc_b.to(gb_ptr.dtype.element_ty), mask=mmask)
 
 
 @triton.jit
@@ -287,9 +306,9 @@ def _conv_depthwise_kernel(
     TRANSPOSED (grad_input): src = grad, dst = grad_input, summing over the taps that reach dst's position from an
     output position, as _conv_dgrad_kernel does."""
     acc_t = tl.float64 if F64 else tl.float32
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = _block(tl.program_id(0), BLOCK_M)
     mmask = rm < M
-    b, pd, ph, pw = _split4(rm, D, H, W)
+    b, pd, ph, pw = _unpack4(rm, D, H, W)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
     src_m = src_ptr + b.to(tl.int64) * ssb  # [BLOCK_M]
@@ -326,7 +345,7 @@ def _sum_splits_kernel(
 ):  # fmt: skip
     """out[i] = sum over s of part[s, i] (splits added in order), part contiguous [n_split, n]; the flat index i is
     split over out's shape [*, S1, S2, S3, S4] to write through out's strides."""
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r = _block(tl.program_id(0), BLOCK)
     mask = r < n
     acc = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
     p = part_ptr + r
@@ -334,7 +353,7 @@ def _sum_splits_kernel(
         acc += tl.load(p, mask=mask, other=0.0)
         p += n
     i0, i1, i2, i3 = _split4(r // S4, S1, S2, S3)
-    off = i0.to(tl.int64) * so0 + i1 * so1 + i2 * so2 + i3 * so3 + (r % S4) * so4
+    off = i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3 + (r % S4) * so4
     tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -413,9 +432,23 @@ def _depthwise_blocks(c: int) -> Tuple[int, int]:
     return (64, 32) if c >= 32 else (128, 16)
 
 
+def _check_grid(x: Tensor, groups: int, channel_blocks: int) -> None:
+    """CUDA grids take at most 65535 programs on their second and third axes (groups, channel blocks): past that the
+    launch is refused here, naming the argument. Flat indices over batch x positions are int64 (_block)."""
+    op = "conv2d" if x.dim() == 4 else "conv3d"
+    if groups > 65535:
+        raise ValueError(f"{op}: groups must be at most 65535 for the Triton backend, got {groups}")
+    if channel_blocks > 65535:
+        raise ValueError(f"{op}: too many channels per group for the Triton backend, got {list(x.shape)}")
+
+
 def _launch_depthwise(src5: Tensor, w5: Tensor, bias: Optional[Tensor], dst5: Tensor, geometry, transposed: bool):
     c = dst5.shape[1]
     block_m, block_c = _depthwise_blocks(c)
+    if triton.cdiv(c, block_c) > 65535:
+        raise ValueError(
+            f"depthwise conv: input must have at most {65535 * block_c} channels for the Triton backend, got {c}"
+        )
     m = dst5.shape[0] * dst5.shape[2] * dst5.shape[3] * dst5.shape[4]
     _conv_depthwise_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
         src5, w5, bias if bias is not None else dst5, dst5,
@@ -441,6 +474,7 @@ def _forward(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dila
     block_m, block_n, block_k, warps = _tiles(cog, f64)
     m = o5.shape[0] * o5.shape[2] * o5.shape[3] * o5.shape[4]
     grid = (triton.cdiv(m, block_m), triton.cdiv(cog, block_n), groups)
+    _check_grid(x, groups, grid[1])
     _conv_fwd_kernel[grid](
         x5, w5, bias if bias is not None else out, out,
         cg, cog, *x5.shape[2:], *o5.shape[2:], *w5.shape[2:], m,
@@ -465,6 +499,7 @@ def _grad_input(g5: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, gro
     block_m, block_n, block_k, warps = _tiles(cg, f64)
     m = x5.shape[0] * x5.shape[2] * x5.shape[3] * x5.shape[4]
     grid = (triton.cdiv(m, block_m), triton.cdiv(cg, block_n), groups)
+    _check_grid(x, groups, grid[1])
     _conv_dgrad_kernel[grid](
         g5, w5, gx,
         cg, cog, *x5.shape[2:], *g5.shape[2:], *w5.shape[2:], m,
@@ -493,6 +528,7 @@ def _grad_weight_bias(
     f64 = x.dtype == torch.float64
     block_m, block_n, block_k, warps = _wgrad_tiles(cog, f64)
     tiles = (triton.cdiv(cog, block_m), triton.cdiv(cg * taps, block_n) if want_w else 1)
+    _check_grid(x, groups, tiles[1])
     n_split, per = _splits(tiles[0] * tiles[1] * groups, k, block_k, groups)
     if n_split == 1:
         gw_dst, gb_dst = (_as3d(gw) if want_w else gb), gb
@@ -508,7 +544,7 @@ def _grad_weight_bias(
         cg, cog, *x5.shape[2:], *g5.shape[2:], *w5.shape[2:], k, per, n_split,
         *g5.stride(), *x5.stride(), *gw_strides, gb_stride,
         *_geometry(stride, padding, dilation),
-        WANT_W=want_w, WANT_BIAS=want_b, F64=f64, UPCAST=_upcast(x.dtype),
+        WANT_W=want_w, WANT_BIAS=want_b, F64=f64, UPCAST=_upcast(x.dtype), IDX64=k + block_k >= 2**31,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     if n_split > 1:
@@ -630,11 +666,16 @@ def compile_specs():
         wgrad = [(128, True, True, dtype), (16, True, True, acc)]
         if dtype == "fp32":
             wgrad += [(64, True, False, dtype), (64, False, True, dtype)]
+            wgrad += [(64, True, True, "idx64")]  # K past 2^31: an int64 K loop
         for size, want_w, want_b, part in wgrad:
             block_m, block_n, block_k, _ = _wgrad_tiles(size, f64)
-            c = dict(WANT_W=want_w, WANT_BIAS=want_b, F64=f64, UPCAST=False)
+            idx64 = part == "idx64"
+            part = dtype if idx64 else part
+            c = dict(WANT_W=want_w, WANT_BIAS=want_b, F64=f64, UPCAST=False, IDX64=idx64)
             c.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
             s = sig(("g_ptr", "x_ptr"), dtype, ["K", "k_per_split", "n_split"], "gx", c)
+            if idx64:
+                s.update(K="i64", sgb="i64", sxb="i64")
             s.update({"gw_ptr": f"*{part}", "gb_ptr": f"*{part}", "sbs": "i32"})
             s.update({f"sd{a}": "i32" for a in "oidhws"})
             out.append((_conv_wgrad_kernel, s, c))

@@ -80,13 +80,14 @@ def nms_gather_kernel(
     k_ar = tl.arange(0, BLOCK)
     w_ar = tl.arange(0, WORDS)
     for rb in range(0, col_blocks):
-        rows = rb * BLOCK + k_ar.to(tl.int64)
+        row0 = tl.cast(rb, tl.int64) * BLOCK  # int64: row * W indexes an [n, W] mask that can pass 2^31 words
+        rows = row0 + k_ar.to(tl.int64)
         rmask = rows < n
         rem = tl.load(removed_ptr + rb)
         kept_bits = rem * 0
         # Greedy within the block, in score order: a row is kept unless a kept row (or an earlier block) removed it.
         for k in range(0, BLOCK):
-            row = rb * BLOCK + k
+            row = row0 + k
             alive = (((rem >> k) & 1) == 0) & (row < n)
             # a scalar load per step (the diagonal words are few and hot) instead of a cross-thread reduction
             diag_k = tl.load(mask_ptr + row * W, mask=alive, other=0)
@@ -125,6 +126,11 @@ def _nms(boxes: Tensor, scores: Tensor, idxs, iou_threshold: float) -> Tensor:
         cls, rank, sorted_order = order, torch.arange(n, device=boxes.device), order
         band = col_blocks - blocks
         W = col_blocks
+    if W > 65535:  # the mask kernel's second grid axis (65535 programs at most on CUDA)
+        raise ValueError(
+            f"{'batched_nms' if idxs is not None else 'nms'}: at most {65535 * BLOCK} boxes in one class for the "
+            f"Triton backend, got {n} boxes"
+        )
     ftype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
     sorted_boxes = boxes[sorted_order].to(ftype).contiguous()
     thr = torch.tensor([iou_threshold], dtype=torch.float64, device=boxes.device)
@@ -259,6 +265,8 @@ BM, BN = 32, 32
 def triton_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     a, b = boxes1.contiguous(), boxes2.contiguous()
     n, m = a.shape[0], b.shape[0]
+    if triton.cdiv(m, BN) > 65535:  # the second grid axis (65535 programs at most on CUDA)
+        raise ValueError(f"box_iou: boxes2 must have at most {65535 * BN} boxes for the Triton backend, got {m}")
     out = torch.empty((n, m), dtype=a.dtype, device=a.device)
     if out.numel():
         box_iou_kernel[(triton.cdiv(n, BM), triton.cdiv(m, BN))](a, b, out, n, m, BM=BM, BN=BN)

@@ -89,7 +89,8 @@ def _axis(v, size):
     v = tl.where(last, lo.to(tl.float32), v)
     # an invalid (e.g. NaN) sample gets weight 0, not NaN: its taps are masked, and NaN * 0 would still be NaN
     w_hi = tl.where(valid, v - lo.to(tl.float32), 0.0)
-    return lo, hi, tl.where(valid, 1.0 - w_hi, 0.0), w_hi, valid
+    # the cells as int64: they multiply row strides (and H * W, C * H * W) past 2^31 in a large map
+    return lo.to(tl.int64), hi.to(tl.int64), tl.where(valid, 1.0 - w_hi, 0.0), w_hi, valid
 
 
 @triton.jit
@@ -163,7 +164,7 @@ def _roi_align_bwd_kernel(
     b, sh, sw, bh, bw, gh, gw = _align_geom(rois_ptr, k, spatial_scale, PH, PW, sampling_ratio, ALIGNED)
     ok = (b >= 0) & (b < B) & (l >= 0) & (l < NL)
     count = (gh * gw).to(tl.float32)
-    g = tl.load(g_ptr + k.to(tl.int64) * sgk + cs * sgc + ph * sgh + pw * sgw, mask=cmask, other=0.0)
+    g = tl.load(g_ptr + k.to(tl.int64) * sgk + cs.to(tl.int64) * sgc + ph * sgh + pw * sgw, mask=cmask, other=0.0)
     g = g.to(tl.float32)
     scale = load_scale(scale_ptr, DETERMINISTIC)
     base = (tl.where(ok, b, 0) * C + cs.to(tl.int64)) * H * W
@@ -213,13 +214,15 @@ def _pool_bin(rois_ptr, k, spatial_scale, PH, PW, ph, pw, H, W):
 
 @triton.jit
 def _pool_max(x_ptr, cs, cmask, sxc, sxh, sxw, h0, h1, w0, w1, W, BLOCK_C: tl.constexpr):
-    """Max and argmax (h * W + w, -1 if nothing beats the initial value) over the bin, per channel."""
+    """Max and argmax (h * W + w, -1 if nothing beats the initial value) over the bin, per channel. The argmax is an
+    int32 cell index: the launchers refuse planes of 2^31 cells or more (_check_plane)."""
     empty = (h1 <= h0) | (w1 <= w0)
     best = tl.zeros([BLOCK_C], dtype=tl.float32) + tl.where(empty, 0.0, -FLT_MAX)
     arg = tl.zeros([BLOCK_C], dtype=tl.int32) - 1
     for h in range(h0, h1):
+        x_row = x_ptr + cs.to(tl.int64) * sxc + tl.cast(h, tl.int64) * sxh  # int64: can pass 2^31
         for w in range(w0, w1):
-            v = tl.load(x_ptr + cs.to(tl.int64) * sxc + h * sxh + w * sxw, mask=cmask, other=0.0).to(tl.float32)
+            v = tl.load(x_row + tl.cast(w, tl.int64) * sxw, mask=cmask, other=0.0).to(tl.float32)
             gt = v > best  # strict: the first maximum wins; NaN never does
             best = tl.where(gt, v, best)
             arg = tl.where(gt, h * W + w, arg)
@@ -280,7 +283,7 @@ def _roi_pool_bwd_kernel(
     bs, best, arg = _pool_roi_bin(
         x_ptr, rois_ptr, k, ph, pw, cs, cmask, B, H, W, sxb, sxc, sxh, sxw, spatial_scale, PH, PW, BLOCK_C
     )
-    g = tl.load(g_ptr + k.to(tl.int64) * sgk + cs * sgc + ph * sgh + pw * sgw, mask=cmask, other=0.0)
+    g = tl.load(g_ptr + k.to(tl.int64) * sgk + cs.to(tl.int64) * sgc + ph * sgh + pw * sgw, mask=cmask, other=0.0)
     dst = (bs * C + cs.to(tl.int64)) * H * W + tl.maximum(arg, 0)
     scatter_add(
         gin_ptr,
@@ -296,8 +299,22 @@ def _roi_pool_bwd_kernel(
 # ---- launchers and custom ops ------------------------------------------
 
 
-def _grid(k, ph, pw, c):
+def _grid(k, ph, pw, c, op):
+    """(RoI bins, channel blocks): one program per bin and block of BLOCK_C channels. CUDA grids take at most
+    2^31 - 1 programs on their first axis and 65535 on the second: past those the launch is refused here, by name."""
+    if k * ph * pw >= 2**31:
+        raise ValueError(
+            f"{op}: rois x output_size must be below 2^31 bins for the Triton backend, got {k} x {ph} x {pw}"
+        )
+    if triton.cdiv(c, BLOCK_C) > 65535:
+        raise ValueError(f"{op}: input must have at most {65535 * BLOCK_C} channels for the Triton backend, got {c}")
     return (k * ph * pw, triton.cdiv(c, BLOCK_C))
+
+
+def _check_plane(op, h, w):
+    """RoIPool's argmaxes are int32 cell indices h * W + w (as on the CPU): one plane must stay below 2^31 cells."""
+    if h * w >= 2**31:
+        raise ValueError(f"{op}: input's H * W must be below 2^31, got {h} x {w}")
 
 
 def _rois32(rois: Tensor) -> Tensor:
@@ -316,11 +333,13 @@ def align_forward(
 ) -> Tensor:
     """RoIAlign of each RoI from features[levels[k]] (features[0] without `levels`) in one launch."""
     f0 = features[0]
+    op = "roi_align" if levels is None else "multi_scale_roi_align"
+    grid = _grid(rois.shape[0], ph, pw, f0.shape[1], op)
     out = f0.new_empty((rois.shape[0], f0.shape[1], ph, pw))
     if out.numel() == 0:
         return out
     per_level = [(f, f.shape[0], f.shape[2], f.shape[3], *f.stride(), float(s)) for f, s in zip(features, scales)]
-    _roi_align_fwd_kernel[_grid(rois.shape[0], ph, pw, f0.shape[1])](
+    _roi_align_fwd_kernel[grid](
         tuple(zip(*per_level)),
         _rois32(rois),
         None if levels is None else levels.contiguous(),
@@ -369,7 +388,8 @@ def align_backward(
     # Per RoI, one cell receives at most weight 1 from each bin (the bound the CUDA kernel uses).
     dsts, flags, scale = _scatter_buffers(grad, shapes, K * ph * pw)
     per_level = [(d, f, s[0], s[2], s[3], float(sc)) for d, f, s, sc in zip(dsts, flags, shapes, scales)]
-    _roi_align_bwd_kernel[_grid(K, ph, pw, C)](
+    op = "roi_align" if levels is None else "multi_scale_roi_align"
+    _roi_align_bwd_kernel[_grid(K, ph, pw, C, op)](
         grad,
         *grad.stride(),
         tuple(zip(*per_level)),
@@ -432,10 +452,12 @@ def triton_roi_align_backward(
 def triton_roi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
     B, C, H, W = input.shape
     K = rois.shape[0]
+    _check_plane("roi_pool", H, W)
+    grid = _grid(K, pooled_height, pooled_width, C, "roi_pool")
     out = input.new_empty((K, C, pooled_height, pooled_width))
     if out.numel() == 0:
         return out
-    _roi_pool_fwd_kernel[_grid(K, pooled_height, pooled_width, C)](
+    _roi_pool_fwd_kernel[grid](
         input,
         _rois32(rois),
         out,
@@ -458,11 +480,13 @@ def triton_roi_pool_backward(
 ) -> Tensor:
     B, C, H, W = input.shape
     K = rois.shape[0]
+    _check_plane("_roi_pool_backward", H, W)
     if K == 0 or input.numel() == 0:
         return grad.new_zeros(input.shape)
+    grid = _grid(K, pooled_height, pooled_width, C, "_roi_pool_backward")
     # Each bin sends its gradient to one cell.
     (gin,), (flags,), scale = _scatter_buffers(grad, [input.shape], K * pooled_height * pooled_width)
-    _roi_pool_bwd_kernel[_grid(K, pooled_height, pooled_width, C)](
+    _roi_pool_bwd_kernel[grid](
         grad,
         input,
         _rois32(rois),

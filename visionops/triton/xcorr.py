@@ -328,15 +328,30 @@ def _batch_stride(z: Tensor, x: Tensor) -> int:
     return z.stride(0) if z.shape[0] == x.shape[0] else 0
 
 
+def _check_limits(sum_channels: bool, x: Tensor, programs: int, block_c: int) -> None:
+    """The kernels' limits, refused by name: a plane's positions are int32 flat indices (offsets into the tensors are
+    int64), and a CUDA grid takes at most 2^31 - 1 programs on its first axis and 65535 on its second."""
+    op = "xcorr" if sum_channels else "depthwise_xcorr"
+    _, C, Hx, Wx = x.shape
+    if Hx * Wx > 2**31 - 1 - _TILE:
+        raise ValueError(f"{op}: x's H * W must be below 2^31 for the Triton backend, got {Hx} x {Wx}")
+    if programs > 2**31 - 1:
+        raise ValueError(f"{op}: x has too many images x positions for one Triton launch, got {list(x.shape)}")
+    if triton.cdiv(C, block_c) > 65535:
+        raise ValueError(f"{op}: x must have at most {65535 * block_c} channels for the Triton backend, got {C}")
+
+
 def _forward(z: Tensor, x: Tensor, out_scale: float, sum_channels: bool) -> Tensor:
     B, C, Hx, Wx = x.shape
     Ho, Wo = Hx - z.shape[2] + 1, Wx - z.shape[3] + 1
     fmt = torch.contiguous_format if sum_channels else _out_format(x)
-    out = torch.empty((B, 1 if sum_channels else C, Ho, Wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    if out.numel() == 0:
-        return out
+    shape = (B, 1 if sum_channels else C, Ho, Wo)
+    if B * shape[1] * Ho * Wo == 0:
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     block_p, block_c = _blocks(Ho * Wo, C)
     p_tiles = triton.cdiv(Ho * Wo, block_p)
+    _check_limits(sum_channels, x, B * p_tiles, block_c)  # before the output is allocated
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     scale, post = _scale(out_scale, x.dtype)
     _xcorr_fwd_kernel[(B * p_tiles, 1 if sum_channels else triton.cdiv(C, block_c))](
         z,
@@ -379,6 +394,7 @@ def _backward(grad: Tensor, z: Tensor, x: Tensor, out_scale: float, sum_channels
     c_inner = _channels_inner(x)  # g and gx follow x's layout in the usual case
     scale, post = _scale(out_scale, x.dtype)
     block_p, block_c = _blocks(Ho * Wo, C)
+    _check_limits(sum_channels, x, Bz * Hz * Wz, block_c)
     _xcorr_grad_z_kernel[(Bz * Hz * Wz, triton.cdiv(C, block_c))](
         g,
         x,
@@ -401,6 +417,7 @@ def _backward(grad: Tensor, z: Tensor, x: Tensor, out_scale: float, sum_channels
     )
     block_p, block_c = _blocks(Hx * Wx, C)
     p_tiles = triton.cdiv(Hx * Wx, block_p)
+    _check_limits(sum_channels, x, B * p_tiles, block_c)
     _xcorr_grad_x_kernel[(B * p_tiles, triton.cdiv(C, block_c))](
         g,
         z,

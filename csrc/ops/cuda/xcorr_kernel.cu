@@ -151,7 +151,9 @@ struct CudaXCorr {
     c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const int64_t tiles = (Ho * Wo + kTile - 1) / kTile;
-    TORCH_CHECK_VALUE(B * tiles <= int64_t(1) << 31, op, ": output too large for one launch");
+    // gridDim.x takes at most 2^31 - 1 blocks
+    TORCH_CHECK_VALUE(B * tiles < int64_t(1) << 31, op, ": x has too many images x output positions for one launch (",
+                      B, " x ", Ho * Wo, "; B * ceil(Ho * Wo / ", kTile, ") must be below 2^31)");
     const dim3 grid(static_cast<unsigned>(B * tiles),
                     kSumChannels ? 1 : grid_dim((C + kShares - 1) / kShares, "channels"));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xcorr_forward_cuda", [&] {
@@ -172,7 +174,8 @@ struct CudaXCorr {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const int64_t n = gx.numel();
     const bool gx_cl = xcorr_out_format(x) == at::MemoryFormat::ChannelsLast;
-    TORCH_CHECK_VALUE(Bz * C <= int64_t(1) << 31, op, ": z too large for one launch");
+    TORCH_CHECK_VALUE(Bz * C < int64_t(1) << 31, op, ": z has too many images x channels for one launch (", Bz, " x ",
+                      C, ", below 2^31)");
     const dim3 zgrid(static_cast<unsigned>(Bz * C), grid_dim((Hz * Wz + kTile - 1) / kTile, "z taps"));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "xcorr_backward_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
