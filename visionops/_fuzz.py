@@ -133,15 +133,16 @@ def overlapping(d: Draw, t: Tensor) -> Tensor:
     return t
 
 
-def specials(d: Draw, t: Tensor, p: float = 0.15) -> Tensor:
-    """Sometimes a few NaN / +-Inf / huge entries (valid input: the result must still match the reference)."""
+def specials(d: Draw, t: Tensor, p: float = 0.15, huge: bool = True) -> Tensor:
+    """Sometimes a few NaN / +-Inf / huge (``huge``) entries (valid input: the result must still match the
+    reference)."""
     if t.numel() == 0 or not t.is_floating_point() or not d.bool(p):
         return t
     t = t.clone()
     flat = t.view(-1)
     big = torch.finfo(t.dtype).max / 4
     for _ in range(d.ints(1, 3)):
-        flat[d.ints(0, flat.numel() - 1)] = d.choice((math.nan, math.inf, -math.inf, big, -big))
+        flat[d.ints(0, flat.numel() - 1)] = d.choice((math.nan, math.inf, -math.inf) + ((big, -big) if huge else ()))
     return t
 
 

@@ -218,7 +218,8 @@ def _decode_draw(d: fz.Draw) -> fz.Call:
 
 def _encode_draw(d: fz.Draw) -> fz.Call:
     n, dt = d.ints(0, 4 if d.small else 32), fz.dtype(d, half=False)
-    ref = fz.specials(d, fz.boxes(d, n, dt))
+    # (huge only in float64: gw / pw overflows float32 for a 1e37-wide box, in torchvision's formula too)
+    ref = fz.specials(d, fz.boxes(d, n, dt), huge=dt == torch.float64)
     proposals = fz.boxes(d, n, d.choice((dt, torch.float32)))
     args = (fz.layout(d, ref), fz.overlapping(d, fz.layout(d, proposals)), d.choice(_WEIGHTS))
     mutations = fz.tensor_mutations("reference_boxes", 0) + fz.tensor_mutations("proposals", 1)
