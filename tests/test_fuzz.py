@@ -3,8 +3,8 @@ op in visionops/ops/*.py) and the harness (visionops/testing_fuzz.py) runs each 
 crash or a hang fails the case (with the worker's stderr) instead of killing pytest; hypothesis then shrinks it.
 
 Every invalid call must raise the expected exception naming the argument; every valid call must match the op's
-reference. The default run is sized for CI (profile "ci", derandomized); for a longer run set
-VISIONOPS_FUZZ_EXAMPLES (examples per op), or run the campaign: ``python -m visionops.testing_fuzz --cases N``.
+reference. The default run is sized for CI (profiles "ci-<backend>", derandomized); for a longer run scale the
+examples with VISIONOPS_FUZZ_SCALE, or run the campaign: ``python -m visionops.testing_fuzz --cases N --seed S``.
 """
 
 import os
@@ -21,14 +21,19 @@ from visionops._fuzz import Draw, FuzzSpec, RandomDraw  # noqa: E402
 from visionops._registry import OPS  # noqa: E402
 from visionops.testing_fuzz import Case, Worker, check, draw_case  # noqa: E402
 
-settings.register_profile(
-    "ci",
-    max_examples=int(os.environ.get("VISIONOPS_FUZZ_EXAMPLES", "12")),
-    deadline=None,
-    derandomize=True,  # reproducible in CI: the same cases every run
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
+# Examples per op and backend: the Triton interpreter takes seconds a case, the C++ kernels milliseconds.
+EXAMPLES = {"cpp": 40, "reference": 12, "triton": 5}
+SCALE = float(os.environ.get("VISIONOPS_FUZZ_SCALE", "1"))  # e.g. 25 for a longer run
+
+for _backend, _n in EXAMPLES.items():
+    settings.register_profile(
+        f"ci-{_backend}",
+        max_examples=max(1, round(_n * SCALE)),
+        deadline=None,
+        derandomize=True,  # reproducible in CI: the same cases every run
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
 
 
 class HypothesisDraw(Draw):
@@ -57,11 +62,19 @@ def worker():
     w.close()
 
 
-@pytest.mark.parametrize("op", list(OPS))
-@settings(settings.get_profile("ci"))
-@given(data=st.data())
-def test_fuzz(op, data, worker):
-    check(worker, draw_case(HypothesisDraw(data), op))
+def _fuzz_test(backend: str):
+    @pytest.mark.parametrize("op", list(OPS))
+    @settings(settings.get_profile(f"ci-{backend}"))
+    @given(data=st.data())
+    def test(op, data, worker):
+        check(worker, draw_case(HypothesisDraw(data), op, backends=(backend,)))
+
+    return test
+
+
+test_fuzz_cpp = _fuzz_test("cpp")
+test_fuzz_reference = _fuzz_test("reference")
+test_fuzz_triton = _fuzz_test("triton")
 
 
 def test_every_op_has_a_fuzz_spec():
@@ -90,13 +103,12 @@ class _SleepOnLoad:
         return (time.sleep, (60,))
 
 
-@pytest.mark.parametrize("payload, why", [(_AbortOnLoad(), "SIGABRT"), (_SleepOnLoad(), "timed out")])
-def test_harness_reports_a_dead_or_hung_worker_and_restarts(payload, why):
-    w = Worker(timeout_s=5)
+def test_harness_reports_a_dead_or_hung_worker_and_restarts():
+    w = Worker(timeout_s=3)
     try:
-        case = Case("nms", "cpp", payload)
-        with pytest.raises(AssertionError, match=why):
-            check(w, case)
+        for payload, why in ((_AbortOnLoad(), "worker died \\(signal SIGABRT\\)"), (_SleepOnLoad(), "timed out")):
+            with pytest.raises(AssertionError, match=why):
+                check(w, Case("nms", "cpp", payload))
         # the next case gets a fresh worker
         call = OPS["nms"].fuzz.draw(RandomDraw(random.Random(0)))
         assert check(w, Case("nms", "cpp", call))["status"] in ("valid", "invalid")
