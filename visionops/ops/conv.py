@@ -252,7 +252,7 @@ def _conv_draw(d: fz.Draw, n: int) -> fz.Call:
     cin, cout = groups * d.ints(1, 2), groups * d.ints(1, 2 if d.small else 3)
     kernel = [d.ints(1, 3) for _ in range(n)]
     spatial = [d.ints(k, k + (1 if d.small else 4)) for k in kernel]
-    x = fz.layout(d, fz.specials(d, fz.uniform(d, (d.ints(1, 2), cin, *spatial), dt), p=0.05))
+    x = fz.layout(d, fz.specials(d, fz.uniform(d, (d.ints(0 if d.bool(0.1) else 1, 2), cin, *spatial), dt), p=0.05))
     w = fz.layout(d, fz.uniform(d, (cout, cin // groups, *kernel), dt))
     bias = fz.uniform(d, (cout,), dt) if d.bool() else None
     stride = d.choice((1, 2, [1] * n, tuple(d.ints(1, 3) for _ in range(n))))

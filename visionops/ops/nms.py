@@ -213,14 +213,16 @@ def _box_iou_backward(backward_op, ctx, grad):
 
 # ---- fuzz specs (tests/test_fuzz.py) -------------------------------------------------------------------------------
 
-_THRESHOLDS = (0.0, 0.3137, 0.5113, 0.7071, 0.9, 1.0, -0.25, 1.5)  # outside [0, 1] is allowed (as torchvision)
+# outside [0, 1] (and NaN: nothing is suppressed) is allowed, as torchvision
+_THRESHOLDS = (0.0, 0.3137, 0.5113, 0.7071, 0.9, 1.0, -0.25, 1.5, math.nan, math.inf)
 
 
 def _selection_inputs(d: fz.Draw):
     """Boxes on an integer grid (some NaN/Inf), distinct scores: selections that the reference decides exactly."""
     n, dt = d.ints(0, 6 if d.small else 48), fz.dtype(d)
     b = fz.specials(d, fz.grid_boxes(d, n, dt), p=0.1)
-    return fz.overlapping(d, fz.layout(d, b)), fz.layout(d, fz.distinct_scores(d, n, dt)), dt
+    s = fz.specials(d, fz.distinct_scores(d, n, dt), p=0.1, huge=False)  # NaN ranks first, as torch.sort
+    return fz.overlapping(d, fz.layout(d, b)), fz.layout(d, s), dt
 
 
 def _selection_same(got, exp, call) -> bool:
@@ -528,7 +530,7 @@ def _multiclass_draw(d: fz.Draw) -> fz.Call:
     batch, n, c, dt = d.ints(0, 2), d.ints(0, 4 if d.small else 16), d.ints(1, 3), fz.dtype(d)
     per_class = d.bool(0.3)
     b = fz.grid_boxes(d, batch * n * (c if per_class else 1), dt).reshape(batch, n, *((c,) if per_class else ()), 4)
-    s = fz.distinct_scores(d, batch * n * c, dt).reshape(batch, n, c)
+    s = fz.specials(d, fz.distinct_scores(d, batch * n * c, dt), p=0.1, huge=False).reshape(batch, n, c)
     args = (fz.layout(d, b), fz.layout(d, s), d.choice(_THRESHOLDS), d.choice((0.0, 0.2, 0.5, -1.0)))
     args += (d.ints(1, 6), d.ints(1, 8), d.bool())
     mutations = fz.tensor_mutations("boxes", 0) + fz.tensor_mutations("scores", 1)

@@ -219,7 +219,7 @@ def _pool_backward_fake(grad, input, rois, spatial_scale, pooled_height, pooled_
 
 def _roi_inputs(d: fz.Draw):
     """Features and RoIs (a Tensor[K, 5] or a list of Tensor[L, 4]), with inverted, huge and NaN boxes."""
-    n, c, dt = d.ints(1, 2), d.ints(1, 2 if d.small else 3), fz.dtype(d)
+    n, c, dt = d.ints(1, 2), d.ints(0 if d.bool(0.1) else 1, 2 if d.small else 3), fz.dtype(d)
     h, w = d.ints(1, 4 if d.small else 12), d.ints(1, 4 if d.small else 12)
     x = fz.overlapping(d, fz.layout(d, fz.uniform(d, (n, c, h, w), dt)))
     k = d.ints(0, 3 if d.small else 10)
@@ -260,7 +260,7 @@ def _batch_out_of_range(d: fz.Draw, call: fz.Call) -> fz.Call:
 
 def _roi_align_draw(d: fz.Draw) -> fz.Call:
     x, rois = _roi_inputs(d)
-    args = (x, rois, d.choice((1, 2, (2, 3), [3, 1])), d.choice((1.0, 0.5, 0.25, 2.0)))
+    args = (x, rois, d.choice((1, 2, (2, 3), [3, 1])), d.choice((1.0, 0.5, 0.25, 2.0, 0.0, -0.5, math.nan)))
     args += (d.choice((-1, 0, 1, 2, -5)), d.bool())
     mutations = _roi_mutations(d, 2) + [
         ("sampling_ratio", fz.TYPE, fz.arg(4, lambda d, v: d.choice((2.0, "2", None)))),
@@ -271,7 +271,7 @@ def _roi_align_draw(d: fz.Draw) -> fz.Call:
 
 def _roi_pool_draw(d: fz.Draw) -> fz.Call:
     x, rois = _roi_inputs(d)
-    args = (x, rois, d.choice((1, 2, (2, 3))), d.choice((1.0, 0.5, 0.25)))
+    args = (x, rois, d.choice((1, 2, (2, 3))), d.choice((1.0, 0.5, 0.25, 0.0, -0.5, math.nan)))
     mutations = _roi_mutations(d, 2) + [("spatial_scale", fz.TYPE, fz.arg(3, lambda d, v: None))]
     return fz.mutate(d, fz.Call(args), mutations)
 
