@@ -22,7 +22,7 @@ from visionops._registry import OPS  # noqa: E402
 from visionops.testing_fuzz import Case, Worker, check, draw_case  # noqa: E402
 
 # Examples per op and backend: the Triton interpreter takes seconds a case, the C++ kernels milliseconds.
-EXAMPLES = {"cpp": 40, "reference": 12, "triton": 5}
+EXAMPLES = {"cpp": 100, "reference": 25, "triton": 10}
 SCALE = float(os.environ.get("VISIONOPS_FUZZ_SCALE", "1"))  # e.g. 25 for a longer run
 
 for _backend, _n in EXAMPLES.items():
