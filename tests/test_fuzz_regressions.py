@@ -40,3 +40,12 @@ def test_multi_scale_roi_align_box_without_a_level_pools_zeros(backend, bad_box)
     assert out[0].abs().sum() > 0 and out[2].abs().sum() > 0
     expected = MultiScaleRoIAlign(["0", "1"], 2, 2, backend="reference")(x, boxes, [(64, 64)])
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_box_iou_half_formats_convert_in_float32(backend):
+    # cxcywh -> xyxy was done in bfloat16: y = 9984 -+ 47 / 2 both rounded to 9984, a box of height 0 (IoU NaN)
+    boxes = torch.tensor([[0.0, 9984.0, 4.0, 47.0], [1.0, 1.0, 2.0, 2.0]], dtype=torch.bfloat16)
+    out = visionops.box_iou(boxes, boxes, fmt="cxcywh", backend=backend)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.eye(2, dtype=torch.bfloat16))

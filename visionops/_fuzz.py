@@ -181,7 +181,6 @@ def distinct_scores(d: Draw, n: int, dt) -> Tensor:
 
 VALUE = (ValueError,)
 TYPE = (TypeError,)
-EITHER = (ValueError, TypeError)
 
 
 def wrong_type(d: Draw, t):

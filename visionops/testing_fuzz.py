@@ -368,10 +368,18 @@ def check(worker: Worker, case: Case) -> dict:
     return result
 
 
+def campaign_case(seed: int, i: int, ops=None) -> Case:
+    """Case ``i`` of the campaign with ``seed`` (every case draws from its own generator, so any one replays)."""
+    from visionops._fuzz import RandomDraw
+    from visionops._registry import OPS
+
+    ops = list(ops or OPS)
+    return draw_case(RandomDraw(random.Random(seed * 1_000_003 + i)), ops[i % len(ops)], CAMPAIGN_BACKENDS)
+
+
 def campaign(cases: int, seed: int, ops=None, out=sys.stdout) -> collections.Counter:
     """Run ``cases`` cases round-robin over ``ops`` (default: every registered op); print counts per op."""
     import visionops  # noqa: F401
-    from visionops._fuzz import RandomDraw
     from visionops._registry import OPS
 
     ops = list(ops or OPS)
@@ -380,7 +388,7 @@ def campaign(cases: int, seed: int, ops=None, out=sys.stdout) -> collections.Cou
     try:
         for i in range(cases):
             op = ops[i % len(ops)]
-            case = draw_case(RandomDraw(random.Random(seed * 1_000_003 + i)), op, CAMPAIGN_BACKENDS)
+            case = campaign_case(seed, i, ops)
             result = worker.run(case)
             status = result["status"]
             if status == "fail":  # a mismatch, or a wrong outcome (no error, the wrong error, an unclear message)
@@ -392,6 +400,8 @@ def campaign(cases: int, seed: int, ops=None, out=sys.stdout) -> collections.Cou
                 print(failures[-1], file=out, flush=True)
             if (i + 1) % 500 == 0:
                 print(f"[{i + 1}/{cases}] {time.time() - start:.0f} s, {len(failures)} failures", file=out, flush=True)
+    except KeyboardInterrupt:
+        print(f"interrupted after {sum(counts[(op, 'cases')] for op in ops)} cases", file=out)
     finally:
         worker.close()
     cols = ("cases", "valid", "invalid", "crash", "mismatch", "error")
@@ -408,7 +418,20 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, default=1000, help="cases in all, round-robin over the ops")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ops", nargs="*", help="only these ops (default: every registered op)")
+    p.add_argument("--case", type=int, help="replay only case CASE of the campaign here, printing its arguments")
     a = p.parse_args(argv)
+    if a.case is not None:  # in this process: run it under a debugger, or see the crash itself
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        import torch
+
+        import visionops  # noqa: F401
+
+        torch.set_printoptions(precision=10, threshold=10**6)
+        case = campaign_case(a.seed, a.case, a.ops)
+        print(case, "\n", case.call.args, case.call.kwargs, sep="")
+        result = run_case(case)
+        print(result)
+        return 0 if result["status"] in ("valid", "invalid") else 1
     counts = campaign(a.cases, a.seed, a.ops)
     return 1 if any(counts[k] for k in counts if k[1] in ("crash", "mismatch", "error")) else 0
 

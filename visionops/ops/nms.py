@@ -92,6 +92,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy", *, backend: str =
     if fmt not in _FORMATS:
         raise ArgumentValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
     if fmt != "xyxy":
+        half = boxes1.dtype in (torch.float16, torch.bfloat16)
+        if half:  # convert where the IoU is computed (float32): cx + w / 2 can overflow the half dtype
+            return box_iou(boxes1.float(), boxes2.float(), fmt, backend=backend).to(boxes1.dtype)
         boxes1, boxes2 = box_convert(boxes1, fmt, "xyxy"), box_convert(boxes2, fmt, "xyxy")
     op = registry.dispatch("box_iou", backend, boxes1.device)
     if boxes1.dim() == 2 and boxes2.dim() == 2:
