@@ -24,7 +24,7 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -68,6 +68,7 @@ class OpDef:
     # AUTOCAST_DTYPE, to the autocast region's own dtype (what torch does for convolutions)
     autocast: Union[torch.dtype, str, None] = None
     check: Optional[Callable] = None  # schema-level argument checks for the Triton op (the C++ ops check in C++)
+    fuzz: Optional[Any] = None  # visionops._fuzz.FuzzSpec: how the fuzz tests draw and check calls of the op
 
     @property
     def backward_name(self) -> str:

@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn, Tensor
 
+from visionops import _fuzz as fz
 from visionops import _registry as registry
 from visionops import reference
 
@@ -333,6 +334,37 @@ def _grid_anchors_fake(cell_anchors, num_cell_anchors, grid_sizes, strides, offs
     return cell_anchors.new_empty((num_images, total, 4), dtype=dtype)
 
 
+def _grid_anchors_draw(d: fz.Draw) -> fz.Call:
+    levels, dt = d.ints(1, 3), fz.dtype(d)
+    sizes, strides, cells = [], [], []
+    for _ in range(levels):
+        h, w = d.ints(0, 3 if d.small else 9), d.ints(0, 3 if d.small else 9)
+        if d.bool(0.1):  # a very large side with no anchors at all
+            h, w = (0, 2**40) if d.bool() else (2**31, 0)
+        sizes.append(d.choice(((h, w), [h, w], torch.tensor([h, w]))))
+        strides.append(d.choice(((4.0, 8.0), 16, 0.0, (2.5, torch.tensor(3.0)))))
+        cells.append(fz.layout(d, fz.boxes(d, d.ints(0, 4), dt, scale=64.0, weird=False) - 32))
+    args = (sizes, strides, cells, d.choice((0.0, 0.5, -1.0)))
+    mutations = [
+        ("cell_anchors", fz.TYPE, fz.arg(2, lambda d, c: d.choice((c[0], [c[0].tolist()])))),
+        ("cell_anchors", fz.VALUE, fz.arg(2, lambda d, c: [t.int() if i == 0 else t for i, t in enumerate(c)])),
+        ("cell_anchors", fz.VALUE, fz.arg(2, lambda d, c: [t[:, :3] for t in c])),
+        ("cell_anchors", fz.VALUE, fz.arg(2, lambda d, c: [c[0].double(), c[0].float()])),
+        ("feature_sizes", fz.VALUE, fz.arg(0, lambda d, v: v + [(1, 1)])),
+        ("feature_sizes", fz.VALUE, fz.arg(0, lambda d, v: [(-1, 2)] + v[1:])),
+        ("feature_sizes", fz.VALUE, fz.arg(0, lambda d, v: [(1, 2, 3)] + v[1:])),
+        ("strides", fz.VALUE, fz.arg(1, lambda d, v: [(d.choice((-4.0, math.nan, math.inf)), 4.0)] + v[1:])),
+        ("strides", fz.VALUE, fz.arg(1, lambda d, v: [("4", 4)] + v[1:])),
+    ]
+    return fz.mutate(d, fz.Call(args), mutations)
+
+
 registry.declare(
-    registry.OpDef("grid_anchors", reference.grid_anchors_op, _grid_anchors_fake, triton="visionops.triton.anchors")
+    registry.OpDef(
+        "grid_anchors",
+        reference.grid_anchors_op,
+        _grid_anchors_fake,
+        triton="visionops.triton.anchors",
+        fuzz=fz.FuzzSpec(_grid_anchors_draw, grid_anchors),
+    )
 )

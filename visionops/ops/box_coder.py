@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from visionops import _fuzz as fz
 from visionops import _registry as registry
 from visionops import reference
 from visionops.ops._checks import check_boxes, check_number, check_same_device, check_same_length, check_tensor
@@ -188,6 +189,62 @@ def _filter_fake(boxes, scores, score_threshold, min_size):
     return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
 
 
+# ---- fuzz specs (tests/test_fuzz.py) -------------------------------------------------------------------------------
+
+_WEIGHTS = ((1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0), (-1.0, 0.5, 2.0, 3.0))
+
+
+def _decode_draw(d: fz.Draw) -> fz.Call:
+    n, k, dt = d.ints(0, 4 if d.small else 32), d.ints(1, 3), fz.dtype(d)
+    deltas = fz.specials(d, fz.uniform(d, (n, 4 * k), dt, -3, 3))
+    half = dt in (torch.float16, torch.bfloat16)
+    # anchors are cast to the deltas' dtype: mixed dtypes only where that cast is exact enough for the tolerance
+    anchors = fz.boxes(d, n, dt if half else d.choice((torch.float64, torch.float32)), weird=not half)
+    size = d.choice((None, (50, 70), (0, 0), [30.5, 1e9]))
+    args = (fz.layout(d, deltas), fz.overlapping(d, fz.layout(d, anchors)), d.choice(_WEIGHTS))
+    args += (d.choice((DEFAULT_CLIP, 0.0, 1.0, math.inf)), size)
+    mutations = fz.tensor_mutations("deltas", 0) + fz.tensor_mutations("anchors", 1)
+    mutations += [
+        ("deltas", fz.VALUE, fz.arg(0, lambda d, t: torch.cat([t, t[:, :1]], 1))),
+        ("anchors", fz.VALUE, fz.arg(1, lambda d, t: fz.fewer_rows(t))),
+        ("anchors", fz.VALUE, fz.arg(1, lambda d, t: fz.last_dim(d, t))),
+        ("weights", fz.VALUE, fz.arg(2, lambda d, w: d.choice(((1.0, 1.0, 0.0, 1.0), (1.0, 1.0, 1.0), "1111")))),
+        ("weights", fz.TYPE, fz.arg(2, lambda d, w: (1.0, "1", 1.0, 1.0))),
+        ("bbox_xform_clip", fz.TYPE, fz.arg(3, lambda d, v: "4")),
+        ("image_size", fz.VALUE, fz.arg(4, lambda d, v: d.choice(((-1, 5), (5,), (math.nan, 3))))),
+    ]
+    return fz.mutate(d, fz.Call(args), mutations)
+
+
+def _encode_draw(d: fz.Draw) -> fz.Call:
+    n, dt = d.ints(0, 4 if d.small else 32), fz.dtype(d, half=False)
+    # (huge only in float64: gw / pw overflows float32 for a 1e37-wide box, in torchvision's formula too)
+    ref = fz.specials(d, fz.boxes(d, n, dt), huge=dt == torch.float64)
+    proposals = fz.boxes(d, n, d.choice((dt, torch.float32)))
+    args = (fz.layout(d, ref), fz.overlapping(d, fz.layout(d, proposals)), d.choice(_WEIGHTS))
+    mutations = fz.tensor_mutations("reference_boxes", 0) + fz.tensor_mutations("proposals", 1)
+    mutations += [
+        ("proposals", fz.VALUE, fz.arg(1, lambda d, t: fz.fewer_rows(t))),
+        ("reference_boxes", fz.VALUE, fz.arg(0, lambda d, t: fz.last_dim(d, t))),
+        ("weights", fz.VALUE, fz.arg(2, lambda d, w: (0.0, 1.0, 1.0, 1.0))),
+    ]
+    return fz.mutate(d, fz.Call(args), mutations)
+
+
+def _filter_draw(d: fz.Draw) -> fz.Call:
+    n, dt = d.ints(0, 4 if d.small else 48), fz.dtype(d)
+    b = fz.specials(d, fz.boxes(d, n, dt, scale=20.0))
+    s = fz.specials(d, fz.uniform(d, (n,), dt, 0, 1))
+    args = (fz.layout(d, b), fz.layout(d, s), d.choice((0.0, 0.5, -1.0, 0.3)), d.choice((0.0, 1.0, 5.5, -1.0)))
+    mutations = fz.tensor_mutations("boxes", 0) + fz.tensor_mutations("scores", 1)
+    mutations += [
+        ("scores", fz.VALUE, fz.arg(1, lambda d, t: fz.fewer_rows(t))),
+        ("score_threshold", fz.TYPE, fz.arg(2, lambda d, v: "0.5")),
+        ("min_size", fz.TYPE, fz.arg(3, lambda d, v: None)),
+    ]
+    return fz.mutate(d, fz.Call(args), mutations)
+
+
 _TRITON = "visionops.triton.box_coder"
 registry.declare(
     registry.OpDef(
@@ -196,7 +253,24 @@ registry.declare(
         _like_first,
         triton=_TRITON,
         backward=registry.Backward(_decode_setup, _decode_backward, _decode_backward_fake),
+        fuzz=fz.FuzzSpec(_decode_draw, decode_boxes),
     )
 )
-registry.declare(registry.OpDef("encode_boxes", reference.encode_boxes, _like_first, triton=_TRITON))
-registry.declare(registry.OpDef("filter_boxes", reference.filter_boxes, _filter_fake, triton=_TRITON))
+registry.declare(
+    registry.OpDef(
+        "encode_boxes",
+        reference.encode_boxes,
+        _like_first,
+        triton=_TRITON,
+        fuzz=fz.FuzzSpec(_encode_draw, encode_boxes),
+    )
+)
+registry.declare(
+    registry.OpDef(
+        "filter_boxes",
+        reference.filter_boxes,
+        _filter_fake,
+        triton=_TRITON,
+        fuzz=fz.FuzzSpec(_filter_draw, filter_boxes, exact=True),
+    )
+)

@@ -5,12 +5,14 @@ Kernels: csrc/ops/cpu/conv_kernel.cpp, csrc/ops/cuda/conv_kernel.cu, visionops/t
 visionops/reference/conv.py; modules: visionops/nn.py; docs/conv.md.
 """
 
+import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from visionops import _fuzz as fz
 from visionops import _registry as registry
 from visionops import reference
 from visionops.reference.conv import _out_format
@@ -239,8 +241,52 @@ def _conv_backward(backward_op, ctx, grad):
     return (*(g if m else None for g, m in zip(grads, mask)), *(None for _ in ctx.args))
 
 
+def _kernel_too_large(d: fz.Draw, call: fz.Call) -> fz.Call:
+    x, w = call.args[:2]
+    w = w.new_zeros((*w.shape[:2], *[9] * (w.dim() - 2)))
+    return fz.Call((x, w, call.args[2], 1, 0, 1, call.args[6]))
+
+
+def _conv_draw(d: fz.Draw, n: int) -> fz.Call:
+    groups, dt = d.choice((1, 1, 2)), fz.dtype(d)
+    cin, cout = groups * d.ints(1, 2), groups * d.ints(1, 2 if d.small else 3)
+    kernel = [d.ints(1, 3) for _ in range(n)]
+    spatial = [d.ints(k, k + (1 if d.small else 4)) for k in kernel]
+    x = fz.layout(d, fz.specials(d, fz.uniform(d, (d.ints(0 if d.bool(0.1) else 1, 2), cin, *spatial), dt), p=0.05))
+    w = fz.layout(d, fz.uniform(d, (cout, cin // groups, *kernel), dt))
+    bias = fz.uniform(d, (cout,), dt) if d.bool() else None
+    stride = d.choice((1, 2, [1] * n, tuple(d.ints(1, 3) for _ in range(n))))
+    padding = d.choice((0, 1, "valid", "same", [1] * n)) if stride == 1 else d.choice((0, 1, [0] * n))
+    args = (x, w, bias, stride, padding, d.choice((1, 2)) if padding in ("same", 1) else 1, groups)
+    bad_dtype = {torch.float32: torch.float64}
+    mutations = fz.tensor_mutations("input", 0) + fz.tensor_mutations("weight", 1)
+    mutations += [
+        ("weight", fz.TYPE, fz.arg(1, lambda d, t: t.to(bad_dtype.get(t.dtype, torch.float32)))),
+        ("weight", fz.VALUE, fz.arg(1, lambda d, t: torch.cat([t, t], 1))),
+        ("weight", fz.VALUE, _kernel_too_large),
+        (
+            "bias",
+            fz.VALUE,
+            lambda d, c: fz.Call(c.args[:2] + (torch.zeros(c.args[1].shape[0] + 1, dtype=dt),) + c.args[3:]),
+        ),
+        ("bias", fz.TYPE, fz.arg(2, lambda d, b: [0.0])),
+        ("stride", fz.VALUE, fz.arg(3, lambda d, v: d.choice((0, [-1] * n)))),
+        ("stride", fz.TYPE, fz.arg(3, lambda d, v: d.choice((1.0, [1] * (n + 1), "1")))),
+        ("padding", fz.VALUE, fz.arg(4, lambda d, v: d.choice((-1, "full")))),
+        ("padding", fz.TYPE, fz.arg(4, lambda d, v: [0.5] * n)),
+        ("dilation", fz.VALUE, fz.arg(5, lambda d, v: 0)),
+        ("groups", fz.VALUE, fz.arg(6, lambda d, v: d.choice((0, -2, 7)))),
+        ("groups", fz.TYPE, fz.arg(6, lambda d, v: 1.0)),
+    ]
+    call = fz.mutate(d, fz.Call(args), mutations)
+    if call.bad is None and d.bool(0.05):  # padding="same" needs stride 1
+        call.args = call.args[:3] + (2, "same") + call.args[5:]
+        call.bad, call.exc = "padding", fz.VALUE
+    return call
+
+
 _BACKWARD = registry.Backward(_setup, _conv_backward, _backward_fake)
-for _name, _n, _ref in (("conv2d", 2, reference.conv2d), ("conv3d", 3, reference.conv3d)):
+for _name, _n, _ref, _public in (("conv2d", 2, reference.conv2d, conv2d), ("conv3d", 3, reference.conv3d, conv3d)):
     registry.declare(
         registry.OpDef(
             _name,
@@ -250,5 +296,6 @@ for _name, _n, _ref in (("conv2d", 2, reference.conv2d), ("conv3d", 3, reference
             backward=_BACKWARD,
             autocast=registry.AUTOCAST_DTYPE,
             check=_check_schema(_name, _n),
+            fuzz=fz.FuzzSpec(functools.partial(_conv_draw, n=_n), _public),
         )
     )

@@ -4,11 +4,14 @@ Kernels: csrc/ops/{cpu,cuda}/nms_kernel.*, csrc/ops/{cpu,cuda}/soft_nms_kernel.*
 visionops/triton/soft_nms.py; math: visionops/reference/nms.py.
 """
 
+import functools
+import math
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
+from visionops import _fuzz as fz
 from visionops import _registry as registry
 from visionops import reference
 from visionops.reference.nms import SOFT_NMS_METHODS
@@ -89,11 +92,20 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy", *, backend: str =
     if fmt not in _FORMATS:
         raise ArgumentValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
     if fmt != "xyxy":
+        half = boxes1.dtype in (torch.float16, torch.bfloat16)
+        if half:  # convert where the IoU is computed (float32): cx + w / 2 can overflow the half dtype
+            return box_iou(boxes1.float(), boxes2.float(), fmt, backend=backend).to(boxes1.dtype)
         boxes1, boxes2 = box_convert(boxes1, fmt, "xyxy"), box_convert(boxes2, fmt, "xyxy")
     op = registry.dispatch("box_iou", backend, boxes1.device)
     if boxes1.dim() == 2 and boxes2.dim() == 2:
         return op(boxes1, boxes2)
-    batch = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+    try:
+        batch = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+    except RuntimeError:
+        raise ArgumentValueError(
+            f"boxes1 and boxes2 must have broadcastable batch dimensions, got {list(boxes1.shape)} and "
+            f"{list(boxes2.shape)}"
+        ) from None
     n, m, size = boxes1.shape[-2], boxes2.shape[-2], batch.numel()
     if size == 0:
         return boxes1.new_empty((*batch, n, m))
@@ -202,13 +214,140 @@ def _box_iou_backward(backward_op, ctx, grad):
     return backward_op(grad.contiguous(), boxes1, boxes2)
 
 
+# ---- fuzz specs (tests/test_fuzz.py) -------------------------------------------------------------------------------
+
+# outside [0, 1] (and NaN: nothing is suppressed) is allowed, as torchvision
+_THRESHOLDS = (0.0, 0.3137, 0.5113, 0.7071, 0.9, 1.0, -0.25, 1.5, math.nan, math.inf)
+
+
+def _selection_inputs(d: fz.Draw):
+    """Boxes on an integer grid (some NaN/Inf), distinct scores: selections that the reference decides exactly."""
+    n, dt = d.ints(0, 6 if d.small else 48), fz.dtype(d)
+    b = fz.specials(d, fz.grid_boxes(d, n, dt), p=0.1)
+    s = fz.specials(d, fz.distinct_scores(d, n, dt), p=0.1, huge=False)  # NaN ranks first, as torch.sort
+    return fz.overlapping(d, fz.layout(d, b)), fz.layout(d, s), dt
+
+
+def _selection_same(got, exp, call) -> bool:
+    """Tie-tolerant: a differing selection is ill-posed when an IoU sits at a threshold (or two scores tie)."""
+    boxes, scores = call.args[0], call.args[1]
+    if boxes.dim() == 3:  # multiclass_nms: per image
+        return any(
+            _selection_same(None, None, fz.Call((b, s.flatten()) + call.args[2:])) for b, s in zip(boxes, scores)
+        )
+    iou = fz.iou64(boxes, boxes)
+    thrs = [v for v in call.args[2:] if isinstance(v, float)] + [call.kwargs.get("score_threshold", 0.0)]
+    return fz.near(iou, thrs) or fz.near(scores, [])
+
+
+_ROWS = [("scores", fz.VALUE, fz.arg(1, lambda d, t: fz.fewer_rows(t)))]
+_BOXES = fz.tensor_mutations("boxes", 0) + [("boxes", fz.VALUE, fz.arg(0, lambda d, t: fz.last_dim(d, t)))]
+_THR = [("iou_threshold", fz.TYPE, fz.arg(2, lambda d, v: d.choice(("0.5", None, [0.5]))))]
+
+
+def _nms_draw(d: fz.Draw) -> fz.Call:
+    b, s, _ = _selection_inputs(d)
+    valid = fz.Call((b, s, d.choice(_THRESHOLDS)))
+    return fz.mutate(d, valid, _BOXES + fz.tensor_mutations("scores", 1) + _ROWS + _THR)
+
+
+def _idxs(d: fz.Draw, n: int):
+    return fz.layout(d, torch.randint(-3, 3, (n,), generator=fz.gen(d)) * d.choice((1, 2**40)))
+
+
+def _batched_nms_draw(d: fz.Draw) -> fz.Call:
+    b, s, _ = _selection_inputs(d)
+    valid = fz.Call((b, s, _idxs(d, b.shape[0]), d.choice(_THRESHOLDS)))
+    idxs = [("idxs", fz.TYPE, fz.arg(2, lambda d, t: t.float())), ("idxs", fz.VALUE, fz.arg(2, fz.rank))]
+    thr = [("iou_threshold", fz.TYPE, fz.arg(3, lambda d, v: "0.5"))]
+    call = fz.mutate(d, valid, _BOXES + fz.tensor_mutations("scores", 1) + _ROWS + idxs + thr)
+    if isinstance(call.args[0], Tensor) and call.args[0].numel() == 0:  # empty boxes: an empty result, no checks
+        call.bad, call.exc = None, ()
+    return call
+
+
+def _box_iou_draw(d: fz.Draw) -> fz.Call:
+    dt = fz.dtype(d)
+    n, m = d.ints(0, 4 if d.small else 24), d.ints(0, 4 if d.small else 24)
+    batch = d.choice(((), (), (2,), (1, 3)))
+    b1 = fz.specials(d, fz.boxes(d, n, dt)).reshape(*[1] * len(batch), n, 4).expand(*batch, n, 4)
+    b2 = fz.boxes(d, m * max(1, math.prod(batch)), dt).reshape(*batch, m, 4)
+    if dt in (torch.float16, torch.bfloat16):  # keep areas finite in the half dtype's float32 compute
+        b1, b2 = b1.clamp(-1e4, 1e4), b2.clamp(-1e4, 1e4)
+    valid = fz.Call((fz.layout(d, b1.contiguous()) if d.bool() else b1, fz.layout(d, b2)), {"fmt": d.choice(_FORMATS)})
+    other = {torch.float32: torch.float64}
+    return fz.mutate(
+        d,
+        valid,
+        fz.tensor_mutations("boxes1", 0, dims=False)
+        + fz.tensor_mutations("boxes2", 1, dims=False)
+        + [
+            ("boxes1", fz.VALUE, fz.arg(0, lambda d, t: fz.last_dim(d, t))),
+            ("boxes2", fz.VALUE, fz.arg(1, lambda d, t: t.reshape(-1))),
+            ("boxes2", fz.TYPE, fz.arg(1, lambda d, t: t.to(other.get(t.dtype, torch.float32)))),
+            ("boxes2", fz.VALUE, _unbroadcastable),
+            ("fmt", fz.VALUE, fz.kwarg("fmt", lambda d, v: d.choice(("xyxy ", "XYWH", None)))),
+        ],
+    )
+
+
+def _unbroadcastable(d: fz.Draw, call: fz.Call) -> fz.Call:
+    b1, b2 = call.args
+    b1 = b1.reshape(-1, 4).expand(2, -1, 4)
+    b2 = b2.reshape(-1, 4).expand(3, -1, 4)
+    return fz.Call((b1, b2), call.kwargs)
+
+
+def _soft_nms_draw(d: fz.Draw, batched: bool) -> fz.Call:
+    b, s, _ = _selection_inputs(d)
+    head = (b, s, _idxs(d, b.shape[0])) if batched else (b, s)
+    i = len(head)
+    rest = (d.choice(_THRESHOLDS), d.choice((0.5, 0.1, 2.0)), d.choice((0.0, 0.001, 0.3, -1.0)))
+    valid = fz.Call(head + rest + (d.choice(tuple(SOFT_NMS_METHODS)),))
+    mutations = _BOXES + fz.tensor_mutations("scores", 1) + _ROWS
+    mutations += [
+        ("sigma", fz.VALUE, fz.arg(i + 1, lambda d, v: d.choice((0.0, -1.0, math.nan)))),
+        ("sigma", fz.TYPE, fz.arg(i + 1, lambda d, v: "0.5")),
+        ("score_threshold", fz.TYPE, fz.arg(i + 2, lambda d, v: None)),
+        ("iou_threshold", fz.TYPE, fz.arg(i, lambda d, v: [v])),
+        ("method", fz.VALUE, fz.arg(i + 3, lambda d, v: d.choice(("Gaussian", "soft", "")))),
+        ("method", fz.TYPE, fz.arg(i + 3, lambda d, v: d.choice((0, 2, None)))),
+    ]
+    if batched:
+        mutations.append(("idxs", fz.TYPE, fz.arg(2, lambda d, t: t.double())))
+    return fz.mutate(d, valid, mutations)
+
+
+def _soft_same(got, exp, call) -> bool:
+    """Tie-tolerant: decayed scores can tie or sit at score_threshold; then the same multiset of scores will do."""
+    if _selection_same(got, exp, call):
+        return True
+    gs, es = got[1], exp[1]
+    threshold = call.args[-2]
+    ill = fz.near(es, [threshold], 1e-4) or fz.near(gs, [threshold], 1e-4)
+    same = gs.shape == es.shape and torch.allclose(gs.double().sort().values, es.double().sort().values, 1e-3, 1e-5)
+    return ill or same
+
+
 # As torchvision: under autocast, NMS runs in float32 (its inputs are upcast, never downcast).
 registry.declare(
-    registry.OpDef("nms", reference.nms, _keep_fake, triton="visionops.triton.nms", autocast=torch.float32)
+    registry.OpDef(
+        "nms",
+        reference.nms,
+        _keep_fake,
+        triton="visionops.triton.nms",
+        autocast=torch.float32,
+        fuzz=fz.FuzzSpec(_nms_draw, nms, exact=True, same=_selection_same),
+    )
 )
 registry.declare(
     registry.OpDef(
-        "batched_nms", reference.batched_nms, _keep_fake, triton="visionops.triton.nms", autocast=torch.float32
+        "batched_nms",
+        reference.batched_nms,
+        _keep_fake,
+        triton="visionops.triton.nms",
+        autocast=torch.float32,
+        fuzz=fz.FuzzSpec(_batched_nms_draw, batched_nms, exact=True, same=_selection_same),
     )
 )
 registry.declare(
@@ -222,6 +361,7 @@ registry.declare(
             _box_iou_backward,
             fake=lambda grad, boxes1, boxes2: (torch.empty_like(boxes1), torch.empty_like(boxes2)),
         ),
+        fuzz=fz.FuzzSpec(_box_iou_draw, box_iou),
     )
 )
 
@@ -241,7 +381,10 @@ def _soft_nms_check(boxes, scores, *rest):
 
 
 # Outputs are selections: no gradient (as nms). Under autocast, float32 (as nms).
-for _name, _ref in (("soft_nms", reference.soft_nms), ("batched_soft_nms", reference.batched_soft_nms)):
+for _name, _ref, _public in (
+    ("soft_nms", reference.soft_nms, soft_nms),
+    ("batched_soft_nms", reference.batched_soft_nms, batched_soft_nms),
+):
     registry.declare(
         registry.OpDef(
             _name,
@@ -250,9 +393,15 @@ for _name, _ref in (("soft_nms", reference.soft_nms), ("batched_soft_nms", refer
             triton="visionops.triton.soft_nms",
             autocast=torch.float32,
             check=_soft_nms_check,
+            fuzz=fz.FuzzSpec(
+                functools.partial(_soft_nms_draw, batched=_name == "batched_soft_nms"),
+                _public,
+                exact=True,
+                same=_soft_same,
+            ),
         )
     )
-del _name, _ref
+del _name, _ref, _public
 
 
 # ---- Matrix NMS --------------------------------------------------------------------------------------------------
@@ -341,6 +490,74 @@ def _matrix_nms_check(boxes_or_masks, scores, labels, kernel, sigma, score_thres
         raise ArgumentValueError(f"matrix_nms: sigma must be > 0 for the gaussian kernel, got {sigma}")
 
 
+def _matrix_nms_draw(d: fz.Draw) -> fz.Call:
+    b, s, dt = _selection_inputs(d)
+    n = b.shape[0]
+    if d.bool(0.3):  # masks
+        masks = torch.rand((n, 5, 6), generator=fz.gen(d)) > 0.5
+        b = masks if d.bool() else masks.to(dt)
+    labels = torch.randint(0, 3, (n,), generator=fz.gen(d))
+    kw = {
+        "kernel": d.choice(MATRIX_NMS_KERNELS),
+        "sigma": d.choice((2.0, 0.5)),
+        "score_threshold": d.choice((0.0, 0.05, 0.5)),
+        "max_num": d.choice((-1, 0, 1, 5)),
+    }
+    kw = {k: v for k, v in kw.items() if d.bool(0.8)}
+    mutations = [("boxes_or_masks", fz.TYPE, fz.arg(0, fz.wrong_type))]
+    mutations += [("boxes_or_masks", fz.VALUE, fz.arg(0, lambda d, t: t.reshape(-1)))]
+    mutations += fz.tensor_mutations("scores", 1) + _ROWS + fz.tensor_mutations("labels", 2, float_only=False)
+    mutations += [
+        ("labels", fz.TYPE, fz.arg(2, lambda d, t: t.float())),
+        ("kernel", fz.VALUE, fz.kwarg("kernel", lambda d, v: "Gaussian")),
+        ("kernel", fz.TYPE, fz.kwarg("kernel", lambda d, v: 1)),
+        ("max_num", fz.VALUE, fz.kwarg("max_num", lambda d, v: d.choice((-2, -100)))),
+        ("max_num", fz.TYPE, fz.kwarg("max_num", lambda d, v: d.choice((1.0, "3", None)))),
+        ("sigma", fz.TYPE, fz.kwarg("sigma", lambda d, v: "2")),
+        ("score_threshold", fz.TYPE, fz.kwarg("score_threshold", lambda d, v: [0.1])),
+    ]
+    call = fz.mutate(d, fz.Call((b, s, labels), kw), mutations)
+    if call.bad is None and kw.get("kernel", "gaussian") == "gaussian" and d.bool(0.1):
+        call.kwargs["sigma"], call.bad, call.exc = d.choice((0.0, -1.0)), "sigma", fz.VALUE
+    return call
+
+
+def _matrix_same(got, exp, call) -> bool:
+    """Tie-tolerant: decayed scores that tie or sit at score_threshold make the order (and the cut) ill-posed."""
+    threshold = call.kwargs.get("score_threshold", 0.0)
+    gs, es = got[1], exp[1]
+    return fz.near(es, [threshold], 1e-4) or fz.near(gs, [threshold], 1e-4)
+
+
+def _multiclass_draw(d: fz.Draw) -> fz.Call:
+    batch, n, c, dt = d.ints(0, 2), d.ints(0, 4 if d.small else 16), d.ints(1, 3), fz.dtype(d)
+    per_class = d.bool(0.3)
+    b = fz.grid_boxes(d, batch * n * (c if per_class else 1), dt).reshape(batch, n, *((c,) if per_class else ()), 4)
+    s = fz.specials(d, fz.distinct_scores(d, batch * n * c, dt), p=0.1, huge=False).reshape(batch, n, c)
+    args = (fz.layout(d, b), fz.layout(d, s), d.choice(_THRESHOLDS), d.choice((0.0, 0.2, 0.5, -1.0)))
+    args += (d.ints(1, 6), d.ints(1, 8), d.bool())
+    mutations = fz.tensor_mutations("boxes", 0) + fz.tensor_mutations("scores", 1)
+    mutations += [
+        ("boxes", fz.VALUE, fz.arg(0, lambda d, t: fz.last_dim(d, t))),
+        ("scores", fz.TYPE, fz.arg(1, lambda d, t: t.to(torch.float64 if t.dtype != torch.float64 else torch.float32))),
+        ("iou_threshold", fz.TYPE, fz.arg(2, lambda d, v: "0.5")),
+        ("score_threshold", fz.TYPE, fz.arg(3, lambda d, v: None)),
+        ("max_per_class", fz.VALUE, fz.arg(4, lambda d, v: d.choice((0, -1)))),
+        ("max_per_class", fz.TYPE, fz.arg(4, lambda d, v: 2.0)),
+        ("max_total", fz.VALUE, fz.arg(5, lambda d, v: 0)),
+        ("max_total", fz.TYPE, fz.arg(5, lambda d, v: True)),
+        ("class_agnostic", fz.TYPE, fz.arg(6, lambda d, v: 1)),
+    ]
+    return fz.mutate(d, fz.Call(args), mutations)
+
+
+def _multiclass_same(got, exp, call) -> bool:
+    """Tie-tolerant: per image, an IoU at the threshold makes the kept set ill-posed."""
+    boxes, thr = call.args[0], call.args[2]
+    flat = boxes.reshape(boxes.shape[0], -1, 4)
+    return any(fz.near(fz.iou64(b, b), [thr]) for b in flat)
+
+
 # A selection: no gradient. Under autocast, float32 (as nms); bool masks are not cast.
 registry.declare(
     registry.OpDef(
@@ -350,6 +567,7 @@ registry.declare(
         triton="visionops.triton.matrix_nms",
         autocast=torch.float32,
         check=_matrix_nms_check,
+        fuzz=fz.FuzzSpec(_matrix_nms_draw, matrix_nms, exact=True, same=_matrix_same),
     )
 )
 
@@ -455,5 +673,6 @@ registry.declare(
         triton="visionops.triton.multiclass_nms",
         autocast=torch.float32,
         check=_multiclass_nms_check,
+        fuzz=fz.FuzzSpec(_multiclass_draw, multiclass_nms, exact=True, same=_multiclass_same),
     )
 )

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from visionops import _fuzz as fz
 from visionops import _registry as registry
 from visionops import reference
 from visionops.ops._checks import ArgumentTypeError, ArgumentValueError, check_int, check_pair
@@ -43,6 +44,9 @@ class LevelMapper:
         s = torch.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
         lvl = torch.floor(self.lvl0 + torch.log2(s / self.s0) + torch.tensor(self.eps, dtype=s.dtype))
         lvl = torch.clamp(lvl, min=self.k_min, max=self.k_max)
+        # A box of NaN or negative area (inverted) has no level, as in torchvision (whose loop over levels then
+        # leaves its output zero): -1 here, pooled as zeros by multi_scale_roi_align.
+        lvl = torch.nan_to_num(lvl, nan=self.k_min - 1)
         return lvl.to(torch.int64) - self.k_min
 
 
@@ -84,6 +88,11 @@ def multi_scale_roi_align(
     if len(features) == 1:
         return roi_align(features[0], rois, (ph, pw), scales[0], sr, backend=backend)
     levels = mapper(list(boxes))
+    # RoIs without a level (see LevelMapper) are pooled at level 0 from NaN coordinates: zeros on every backend,
+    # without a device sync
+    outside = (levels < 0) | (levels >= len(features))
+    levels = torch.where(outside, 0, levels)
+    rois = torch.cat([rois[:, :1], rois[:, 1:].masked_fill(outside[:, None], float("nan"))], 1)
     args = (list(features), rois, levels, [float(s) for s in scales], ph, pw, sr, False)
     if len(features) <= _MAX_LEVELS:
         return registry.dispatch("multi_scale_roi_align", backend, features[0].device)(*args)
@@ -188,6 +197,42 @@ def _check(features, rois, levels, scales, pooled_height, pooled_width, sampling
         )
 
 
+# ---- fuzz spec (tests/test_fuzz.py): the public form is the module -------------------------------------------------
+
+
+def _pool_levels(x, boxes, image_shapes, output_size, sampling_ratio, *, backend="auto"):
+    names = [k for k in x if k != "skip"] if isinstance(x, dict) else ["0"]
+    return MultiScaleRoIAlign(names, output_size, sampling_ratio, backend=backend)(x, boxes, image_shapes)
+
+
+def _multi_scale_draw(d: fz.Draw) -> fz.Call:
+    n, c, dt, levels = d.ints(1, 2), d.ints(1, 2), fz.dtype(d), d.ints(1, 3 if d.small else 5)
+    size = d.choice((16, 32) if d.small else (32, 64, 128))
+    x = {
+        str(l): fz.layout(d, fz.uniform(d, (n, c, max(1, size >> (l + 2)), max(1, size >> (l + 2))), dt))
+        for l in range(levels)
+    }
+    x["skip"] = torch.zeros(1)  # a feature map not in featmap_names
+    boxes = [fz.boxes(d, d.ints(0, 3 if d.small else 8), dt, scale=size) for _ in range(n)]
+    # no finite huge boxes: the reference RoIAlign materialises every sample (up to 65536^2 per bin), and on Triton
+    # see visionops/ops/roi.py
+    boxes = [fz.specials(d, b, p=0.1, huge=False) for b in boxes]
+    args = (x, boxes, [(size, size)] * n, d.choice((1, 2, (2, 3))), d.choice((-1, 0, 2)))
+    mutations = [
+        ("boxes", fz.TYPE, fz.arg(1, lambda d, b: d.choice((b[0], None)))),
+        ("boxes[0]", fz.TYPE, fz.arg(1, lambda d, b: [b[0].int()] + b[1:])),
+        ("boxes[0]", fz.VALUE, fz.arg(1, lambda d, b: [b[0][:, :3]] + b[1:])),
+        ("image_shapes", fz.VALUE, fz.arg(2, lambda d, v: [])),
+        ("output_size", fz.VALUE, fz.arg(3, lambda d, v: 0)),
+        ("sampling_ratio", fz.TYPE, fz.arg(4, lambda d, v: 2.5)),
+        ("features[1]", fz.VALUE, fz.arg(0, lambda d, x: {**x, "1": x["0"][:, :0].float()})),
+    ]
+    call = fz.mutate(d, fz.Call(args), mutations)
+    if call.bad == "features[1]" and levels == 1:
+        call.args = (dict(x, **{"1": x["0"][:, :0].float()}),) + args[1:]
+    return call
+
+
 registry.declare(
     registry.OpDef(
         "multi_scale_roi_align",
@@ -196,5 +241,6 @@ registry.declare(
         triton="visionops.triton.roi",
         check=_check,
         backward=registry.Backward(_setup, _backward, _backward_fake),
+        fuzz=fz.FuzzSpec(_multi_scale_draw, _pool_levels),
     )
 )

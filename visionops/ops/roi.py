@@ -14,11 +14,13 @@ Differences from torchvision, all deliberate:
   finite, contributes nothing (RoIAlign); a RoI with a NaN coordinate gives empty bins (RoIPool: 0).
 """
 
+import math
 from typing import List, Union
 
 import torch
 from torch import Tensor, nn
 
+from visionops import _fuzz as fz
 from visionops import _registry as registry
 from visionops import reference
 from visionops.ops._checks import (
@@ -212,6 +214,68 @@ def _pool_backward_fake(grad, input, rois, spatial_scale, pooled_height, pooled_
     return grad.new_empty(input.shape)
 
 
+# ---- fuzz specs (tests/test_fuzz.py) -------------------------------------------------------------------------------
+
+
+def _roi_inputs(d: fz.Draw):
+    """Features and RoIs (a Tensor[K, 5] or a list of Tensor[L, 4]), with inverted, huge and NaN boxes."""
+    n, c, dt = d.ints(1, 2), d.ints(0 if d.bool(0.1) else 1, 2 if d.small else 3), fz.dtype(d)
+    h, w = d.ints(1, 4 if d.small else 12), d.ints(1, 4 if d.small else 12)
+    x = fz.overlapping(d, fz.layout(d, fz.uniform(d, (n, c, h, w), dt)))
+    k = d.ints(0, 3 if d.small else 10)
+    # (no huge RoI on Triton: its RoIAlign visits all of up to 65536^2 samples per bin, for hours interpreted)
+    b = fz.specials(d, fz.boxes(d, k, torch.float64, scale=2 * max(h, w)), p=0.1, huge=not d.small)
+    ids = torch.randint(0, n, (k, 1), generator=fz.gen(d)).double()
+    rois = fz.layout(d, torch.cat([ids, b], 1).to(d.choice((dt, torch.float32))))
+    if d.bool(0.3):
+        rois = [rois[ids[:, 0] == i, 1:] for i in range(n)]
+    return x, rois
+
+
+def _roi_mutations(d: fz.Draw, i: int) -> list:
+    """Mutations of the features and boxes, and of output_size (positional argument ``i``). An out-of-range batch
+    index raises IndexError on the CPU kernels; the Triton kernels (``d.small``) give zeros, as on CUDA."""
+    index = [] if d.small else [("batch index", (IndexError,), _batch_out_of_range)]
+    return (
+        index
+        + fz.tensor_mutations("input", 0)
+        + [
+            ("input", fz.VALUE, fz.arg(0, lambda d, t: t[:, :, :0])),
+            ("boxes", fz.VALUE, fz.arg(1, lambda d, r: r[:, 1:] if isinstance(r, Tensor) else [t[:, :3] for t in r])),
+            ("boxes", fz.TYPE, fz.arg(1, lambda d, r: d.choice((None, 3, "boxes")))),
+            ("boxes", fz.TYPE, fz.arg(1, lambda d, r: r.int() if isinstance(r, Tensor) else [t.long() for t in r])),
+            ("output_size", fz.VALUE, fz.arg(i, lambda d, v: d.choice((0, (2, -1), (0, 0))))),
+            ("output_size", fz.TYPE, fz.arg(i, lambda d, v: d.choice((2.0, (2, 2, 2), "2", None)))),
+        ]
+    )
+
+
+def _batch_out_of_range(d: fz.Draw, call: fz.Call) -> fz.Call:
+    x, rois = call.args[:2]
+    if not isinstance(rois, Tensor):
+        rois = convert_boxes_to_roi_format(rois)
+    rois = torch.cat([rois, rois.new_tensor([[d.choice((-1.0, x.shape[0], 1e30, math.nan)), 0, 0, 2, 2]])])
+    return fz.Call((x, rois) + call.args[2:], call.kwargs)
+
+
+def _roi_align_draw(d: fz.Draw) -> fz.Call:
+    x, rois = _roi_inputs(d)
+    args = (x, rois, d.choice((1, 2, (2, 3), [3, 1])), d.choice((1.0, 0.5, 0.25, 2.0, 0.0, -0.5, math.nan)))
+    args += (d.choice((-1, 0, 1, 2, -5)), d.bool())
+    mutations = _roi_mutations(d, 2) + [
+        ("sampling_ratio", fz.TYPE, fz.arg(4, lambda d, v: d.choice((2.0, "2", None)))),
+        ("spatial_scale", fz.TYPE, fz.arg(3, lambda d, v: "1")),
+    ]
+    return fz.mutate(d, fz.Call(args), mutations)
+
+
+def _roi_pool_draw(d: fz.Draw) -> fz.Call:
+    x, rois = _roi_inputs(d)
+    args = (x, rois, d.choice((1, 2, (2, 3))), d.choice((1.0, 0.5, 0.25, 0.0, -0.5, math.nan)))
+    mutations = _roi_mutations(d, 2) + [("spatial_scale", fz.TYPE, fz.arg(3, lambda d, v: None))]
+    return fz.mutate(d, fz.Call(args), mutations)
+
+
 registry.declare(
     registry.OpDef(
         "roi_align",
@@ -219,6 +283,7 @@ registry.declare(
         _pooled_fake,
         triton="visionops.triton.roi",
         backward=registry.Backward(_align_setup, _align_backward, _align_backward_fake),
+        fuzz=fz.FuzzSpec(_roi_align_draw, roi_align),
     )
 )
 registry.declare(
@@ -228,5 +293,7 @@ registry.declare(
         _pooled_fake,
         triton="visionops.triton.roi",
         backward=registry.Backward(_pool_setup, _pool_backward, _pool_backward_fake),
+        # bin edges are rounded in the kernels' float32 (as the reference does): compare in the inputs' dtype
+        fuzz=fz.FuzzSpec(_roi_pool_draw, roi_pool, exact=True),
     )
 )

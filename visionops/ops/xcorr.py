@@ -5,9 +5,12 @@ csrc/ops/cpu/xcorr_kernel.cpp, csrc/ops/cuda/xcorr_kernel.cu, visionops/triton/x
 visionops/reference/xcorr.py; docs/xcorr.md.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
+from visionops import _fuzz as fz
 from visionops import _registry as registry
 from visionops import reference
 from visionops.ops._checks import check_number, check_tensor
@@ -138,10 +141,34 @@ def _xcorr_backward(backward_op, ctx, grad):
     return (gz, gx, *(None for _ in ctx.args))
 
 
+def _xcorr_draw(d: fz.Draw, depthwise: bool) -> fz.Call:
+    b, c, dt = d.ints(0 if d.bool(0.1) else 1, 2), d.ints(1, 2 if d.small else 4), fz.dtype(d)
+    hz, wz = d.ints(1, 3), d.ints(1, 3)
+    hx, wx = hz + d.ints(0, 2 if d.small else 6), wz + d.ints(0, 2 if d.small else 6)
+    z = fz.layout(d, fz.specials(d, fz.uniform(d, (d.choice((1, b)), c, hz, wz), dt), p=0.05))
+    x = fz.overlapping(d, fz.layout(d, fz.uniform(d, (b, c, hx, wx), dt)))
+    args = (z, x) if depthwise else (z, x, d.choice((1.0, 0.001, -2.0)))
+    other = {torch.float32: torch.float64}
+    mutations = fz.tensor_mutations("z", 0) + fz.tensor_mutations("x", 1)
+    mutations += [
+        ("x", fz.TYPE, fz.arg(1, lambda d, t: t.to(other.get(t.dtype, torch.float32)))),
+        ("z", fz.VALUE, fz.arg(0, lambda d, t: torch.cat([t, t], 1))),
+        ("z", fz.VALUE, fz.arg(0, lambda d, t: t.new_zeros((t.shape[0], t.shape[1], 99, 1)))),
+        ("z", fz.VALUE, fz.arg(0, lambda d, t: t.new_zeros((t.shape[0], t.shape[1], 0, 2)))),
+        ("z", fz.VALUE, fz.arg(0, lambda d, t: t.new_zeros((3, *t.shape[1:])))),
+    ]
+    if not depthwise:
+        mutations.append(("out_scale", fz.TYPE, fz.arg(2, lambda d, v: "1")))
+    call = fz.mutate(d, fz.Call(args), mutations)
+    if call.bad == "z" and isinstance(call.args[1], Tensor) and call.args[1].shape[0] == 3:  # batch 3 is x's
+        call.bad, call.exc = None, ()
+    return call
+
+
 _BACKWARD = registry.Backward(_setup, _xcorr_backward, _grads_fake)
-for _name, _ref, _fake in (
-    ("xcorr", reference.xcorr, _xcorr_fake),
-    ("depthwise_xcorr", reference.depthwise_xcorr, _depthwise_fake),
+for _name, _ref, _fake, _public in (
+    ("xcorr", reference.xcorr, _xcorr_fake, xcorr),
+    ("depthwise_xcorr", reference.depthwise_xcorr, _depthwise_fake, depthwise_xcorr),
 ):
     registry.declare(
         registry.OpDef(
@@ -152,5 +179,6 @@ for _name, _ref, _fake in (
             backward=_BACKWARD,
             autocast=registry.AUTOCAST_DTYPE,
             check=lambda z, x, *args, _op=_name: _check(_op, z, x),
+            fuzz=fz.FuzzSpec(functools.partial(_xcorr_draw, depthwise=_name == "depthwise_xcorr"), _public),
         )
     )

@@ -53,6 +53,8 @@ def grid_anchors(
     device = cell_anchors[0].device if len(cell_anchors) else None
     op = _opmath(dtype)
     for (h, w), (sh, sw), cells in zip(feature_sizes, strides, cell_anchors):
+        if h * w * cells.shape[0] == 0:  # no anchors: and no grid (one side may be huge with the other 0)
+            continue
         sx = ((torch.arange(w, dtype=torch.float64, device=device) + offset) * sw).to(op)
         sy = ((torch.arange(h, dtype=torch.float64, device=device) + offset) * sh).to(op)
         yy, xx = torch.meshgrid(sy, sx, indexing="ij")
