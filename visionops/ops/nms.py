@@ -330,26 +330,20 @@ def _soft_same(got, exp, call) -> bool:
 
 
 # As torchvision: under autocast, NMS runs in float32 (its inputs are upcast, never downcast).
-registry.declare(
-    registry.OpDef(
-        "nms",
-        reference.nms,
-        _keep_fake,
-        triton="visionops.triton.nms",
-        autocast=torch.float32,
-        fuzz=fz.FuzzSpec(_nms_draw, nms, exact=True, same=_selection_same),
+for _name, _reference, _draw, _public in (
+    ("nms", reference.nms, _nms_draw, nms),
+    ("batched_nms", reference.batched_nms, _batched_nms_draw, batched_nms),
+):
+    registry.declare(
+        registry.OpDef(
+            _name,
+            _reference,
+            _keep_fake,
+            triton="visionops.triton.nms",
+            autocast=torch.float32,
+            fuzz=fz.FuzzSpec(_draw, _public, exact=True, same=_selection_same),
+        )
     )
-)
-registry.declare(
-    registry.OpDef(
-        "batched_nms",
-        reference.batched_nms,
-        _keep_fake,
-        triton="visionops.triton.nms",
-        autocast=torch.float32,
-        fuzz=fz.FuzzSpec(_batched_nms_draw, batched_nms, exact=True, same=_selection_same),
-    )
-)
 registry.declare(
     registry.OpDef(
         "box_iou",
