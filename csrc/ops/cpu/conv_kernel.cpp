@@ -243,6 +243,17 @@ void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T*
   mat(C, M, N, ldc).addmm_(mat(A, M, K, lda), mat(B, K, N, ldb));
 }
 
+// Each of n rows of width c set to bias[0, c) (zeros without a bias): the start of a forward's sum over taps.
+template <typename T>
+void init_rows(T* dst, int64_t n, int64_t c, const T* bias) {
+  for (int64_t q = 0; q < n; ++q)
+    if (bias != nullptr) {
+      std::copy_n(bias, c, dst + q * c);
+    } else {
+      std::fill_n(dst + q * c, c, T(0));
+    }
+}
+
 // The forward without im2col, for wide groups and rows (kShiftMinChannels, kShiftMinWidth): each output row (b, od,
 // oh) is the bias plus, per tap and group, the GEMM of the padded input's row segment that tap reads (a strided
 // matrix: row stride sw * Cin) with the tap's [Cg x Og] weight. Taps that read only zero padding are skipped, and at
@@ -257,12 +268,7 @@ void shift_forward(const Dims& d, const ConvGeometry& g, const T* xp, const T* w
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t oh = r % d.Ho, od = (r / d.Ho) % d.Do, b = r / (d.Ho * d.Do);
       T* out = o + r * d.Wo * d.Cout;
-      for (int64_t ow = 0; ow < d.Wo; ++ow)
-        if (bias != nullptr) {
-          std::copy_n(bias, d.Cout, out + ow * d.Cout);
-        } else {
-          std::fill_n(out + ow * d.Cout, d.Cout, T(0));
-        }
+      init_rows(out, d.Wo, d.Cout, bias);
       for (int64_t kd = 0; kd < d.kD; ++kd) {
         const int64_t zd = od * d.sd + kd * d.dd;  // padded depth
         if (zd < pd || zd >= pd + D) continue;
@@ -308,12 +314,7 @@ void block_forward(const Dims& d, const ConvGeometry& g, const T* xp, const T* w
       const int64_t b = task / (d.G * nblk * d.Do);
       const int64_t h0 = blk * R, rows = std::min(R, d.Ho - h0);
       T* acc = scratch.get(rows * d.Wp * d.Og);
-      for (int64_t q = 0; q < rows * d.Wp; ++q)
-        if (bias != nullptr) {
-          std::copy_n(bias + gr * d.Og, d.Og, acc + q * d.Og);
-        } else {
-          std::fill_n(acc + q * d.Og, d.Og, T(0));
-        }
+      init_rows(acc, rows * d.Wp, d.Og, bias != nullptr ? bias + gr * d.Og : nullptr);
       for (int64_t kd = 0; kd < d.kD; ++kd) {
         const int64_t zd = od * d.sd + kd * d.dd;
         if (zd < pd || zd >= pd + D) continue;
