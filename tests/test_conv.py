@@ -506,10 +506,32 @@ def test_cpu_wide_channels_at_any_thread_count(n, dtype, threads):
         torch.testing.assert_close(g, e, **tol, msg=lambda m, k=name: f"grad {k}: {m}")
 
 
-# The C++ CPU forward runs without im2col when groups are wide (>= 32 input and output channels each): per output row
+# The C++ CPU convolution has two sets of kernels: the direct AVX2 ones (the default on x86 CPUs with AVX2 but no
+# AVX-512) and the BLAS ones (elsewhere); VISIONOPS_CONV_CPU chooses. Both run in every test below, whatever this
+# machine's default.
+CPU_KERNELS = [
+    "blas",
+    pytest.param(
+        "direct",
+        marks=pytest.mark.skipif(
+            not visionops.build_info()["cpu_conv_direct"], reason="the direct CPU conv kernel needs AVX2 and FMA"
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=CPU_KERNELS)
+def cpu_kernel(request, monkeypatch):
+    monkeypatch.setenv("VISIONOPS_CONV_CPU", request.param)
+    assert visionops.build_info()["cpu_conv"] == request.param
+    return request.param
+
+
+# The BLAS forward runs without im2col when groups are wide (>= 32 input and output channels each): per output row
 # and tap for rows of >= 32 columns, per block of rows (unit stride) otherwise. Taps reading only padding are skipped,
-# and row ends clipped; these shapes reach every such edge (a tap wholly in the padding, strides, dilations, groups,
-# several row blocks, 2-D and 3-D, with and without bias).
+# and row ends clipped, as the direct kernels skip them per tile of positions (forward) and per tile of weight rows
+# (grad_w); these shapes reach every such edge (a tap wholly in the padding, strides, dilations, groups, several row
+# blocks, 2-D and 3-D, with and without bias).
 NO_IM2COL = {
     "rows dilated, taps in padding": (1, 32, 32, (12, 36), (3, 3), 1, 18, 18, 1, True),
     "rows strided": (2, 64, 40, (9, 80), (3, 3), (1, 2), 5, (2, 5), 1, False),
@@ -519,17 +541,64 @@ NO_IM2COL = {
     "blocks several": (1, 32, 40, (40, 20), (3, 3), 1, 1, 1, 1, True),
     "blocks grouped": (2, 64, 64, (10, 12), (3, 3), 1, 3, 3, 2, True),
     "blocks 3d": (1, 32, 48, (5, 9, 11), (3, 3, 3), (2, 1, 1), (1, 2, 0), (1, 2, 1), 1, True),
+    "rgb input, 20 outputs": (2, 3, 20, (11, 13), (3, 3), 1, 1, 1, 1, True),
+    "padding beyond the kernel": (1, 8, 24, (6, 7), (3, 3), 1, 3, 1, 1, True),
 }
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", list(NO_IM2COL))
-def test_cpu_forward_without_im2col(name, threads):
+def test_cpu_kernels_wide_groups(name, threads, cpu_kernel):
+    """Forward and every gradient of both CPU kernel sets equal F.conv's, in float64 and float32."""
     spec = NO_IM2COL[name]
     n = len(spec[4])
     x, w, b, *rest = _make(spec, "cpu", torch.float64, torch.Generator().manual_seed(3))
+    ours = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    theirs = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    bias = (lambda ts: ts[2]) if b is not None else (lambda ts: None)
     with num_threads(threads):
-        out = OURS[n](x, w, b, *rest, backend="cpp")
-    torch.testing.assert_close(out, TORCH[n](x, w, b, *rest), rtol=1e-10, atol=1e-10)
-    out32 = OURS[n](x.float(), w.float(), None if b is None else b.float(), *rest, backend="cpp")
+        out = OURS[n](ours[0], ours[1], bias(ours), *rest, backend="cpp")
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        got = torch.autograd.grad(out, ours, go)
+    expected = TORCH[n](theirs[0], theirs[1], bias(theirs), *rest)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for name_, g, e in zip(("input", "weight", "bias"), got, torch.autograd.grad(expected, theirs, go)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=lambda m, k=name_: f"grad {k}: {m}")
+    f32 = [t.detach().float().requires_grad_() for t in ours]
+    out32 = OURS[n](f32[0], f32[1], bias(f32), *rest, backend="cpp")
     torch.testing.assert_close(out32.double(), out, rtol=1e-4, atol=1e-4)
+    for g32, g in zip(torch.autograd.grad(out32, f32, go.float()), got):
+        torch.testing.assert_close(g32.double(), g, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(0, 30, 3))
+def test_cpu_kernels_random_configs(seed, cpu_kernel):
+    """Both CPU kernel sets on the seeded random configurations: forward and gradients equal F.conv's in float64."""
+    n, spec = _random_config(seed)
+    args = _make(spec, "cpu", torch.float64, torch.Generator().manual_seed(seed))
+    tensors = [t.clone().requires_grad_() for t in args[:3] if t is not None]
+    theirs = [t.clone().requires_grad_() for t in tensors]
+    bias = (lambda ts: ts[2]) if args[2] is not None else (lambda ts: None)
+    out = OURS[n](tensors[0], tensors[1], bias(tensors), *args[3:], backend="cpp")
+    expected = TORCH[n](theirs[0], theirs[1], bias(theirs), *args[3:])
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64)
+    for got, exp in zip(torch.autograd.grad(out, tensors, go), torch.autograd.grad(expected, theirs, go)):
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_cpu_kernels_bits_do_not_depend_on_threads(n, cpu_kernel):
+    """The output and every gradient are bitwise the same at 1, 2 and 3 threads (float32, wide groups)."""
+    x, w, b, *rest = _make(
+        NO_IM2COL["blocks grouped" if n == 2 else "blocks 3d"], "cpu", torch.float32, torch.Generator().manual_seed(5)
+    )
+    results = []
+    for threads in (1, 2, 3):
+        ts = [t.clone().requires_grad_() for t in (x, w, b)]
+        with num_threads(threads):
+            out = OURS[n](*ts, *rest, backend="cpp")
+            results.append([out.detach(), *torch.autograd.grad(out, ts, torch.ones_like(out))])
+    for other in results[1:]:
+        for a, o in zip(results[0], other):
+            assert torch.equal(a, o)

@@ -20,7 +20,9 @@ except ImportError as e:  # missing, or built against another torch (undefined s
 
 
 def build_info() -> dict:
-    """How _C was built: visionops version, the torch it was compiled against, CUDA and its arches, backends."""
+    """How _C was built: visionops version, the torch it was compiled against, CUDA and its arches, backends, and
+    the CPU convolution kernel this machine runs (``cpu_conv``: ``"direct"``, the AVX2 kernel, or ``"blas"``; the
+    ``VISIONOPS_CONV_CPU`` environment variable chooses, where the CPU has AVX2 and FMA)."""
     raw = dict(kv.split("=", 1) for kv in torch.ops.visionops._build_info().split(";"))
     try:
         import triton  # noqa: F401
@@ -36,6 +38,8 @@ def build_info() -> dict:
         "cuda_arches": [a for a in raw["cuda_arches"].split() if a],
         "triton": triton_version,
         "backends": ["cpp", "reference"] + (["triton"] if triton_version else []),
+        "cpu_conv_direct": raw["cpu_conv_direct"] == "1",
+        "cpu_conv": raw["cpu_conv"],
     }
 
 

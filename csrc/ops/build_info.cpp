@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "ops/common/roi_align.h"
+#include "ops/cpu/conv_cpu.h"
 
 #ifndef VISIONOPS_TORCH_VERSION
 #define VISIONOPS_TORCH_VERSION "unknown"
@@ -26,6 +27,10 @@ std::string build_info() {
   // Kernel limits the Python side needs, from the constants themselves (common/roi_align.h).
   info += ";roi_align_max_levels=" + std::to_string(visionops::kMaxRoIAlignLevels);
   info += ";roi_align_max_grid=" + std::to_string(visionops::kMaxRoIAlignGrid);
+  // The CPU convolution's kernels on this machine (ops/cpu/conv_cpu.h): whether it has the direct AVX2 one, and
+  // which the convolutions take now.
+  info += std::string(";cpu_conv_direct=") + (visionops::direct_conv_available() ? "1" : "0");
+  info += std::string(";cpu_conv=") + (visionops::direct_conv_preferred() ? "direct" : "blas");
   return info;
 }
 }  // namespace

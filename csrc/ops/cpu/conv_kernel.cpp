@@ -20,6 +20,11 @@
 //   grad_w   dW_t[Cg x Ob]  += col_t[P x Cg]^T @ g[P x Ob]          per (tap, group, block of output channels), over
 //                                                                   all positions in tiles of kWeightTile, in order
 //
+// On x86 CPUs with AVX2 but no AVX-512 (direct_conv_preferred) the forward and grad_w run instead as register-blocked
+// direct convolutions (conv_direct.cpp), and so does grad_x where the stride is 1: it is then the forward of the
+// padded grad with the flipped weight (transposed_geometry). The GEMMs below remain the path elsewhere, where BLAS's
+// AVX-512 kernels are the faster, and for strided input gradients.
+//
 // Each task owns its outputs (grad_x whole input rows, grad_w a block of one tap) and sums in a fixed order, and
 // the partition of grad_w does not depend on the thread count, so neither do its bits. The GEMMs go through
 // at::mm_out / addmm_ on views of the buffers, that is torch's own BLAS, single-threaded inside each task
@@ -29,6 +34,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -44,6 +50,7 @@
 
 #include "ops/common/conv.h"
 #include "ops/common/conv_entries.h"
+#include "ops/cpu/conv_cpu.h"
 
 namespace visionops {
 namespace {
@@ -58,9 +65,6 @@ constexpr int64_t kRowPositions = 512;
 constexpr int64_t kWeightTile = 128;
 // Output channels per grad_w task.
 constexpr int64_t kWeightOutBlock = 128;
-// Below this many input and output channels per group (depthwise and its near relatives) the GEMMs are too thin to
-// pay: direct loops instead. A thin input alone (an RGB first layer) still makes a fine GEMM: K is taps * Cg.
-constexpr int64_t kMinGemmChannels = 8;
 // Taps whose input offsets im2col tables (7x7x7); larger kernels compute them per row.
 constexpr int64_t kMaxTaps = 343;
 // The forward skips im2col (shift_forward) when each GEMM has at least this many input and output channels per group
@@ -149,43 +153,10 @@ class Scratch {
   std::vector<T> v_;
 };
 
-struct Dims {
-  int64_t B, Cin, Cout, G, Cg, Og, taps;
-  bool thin() const { return Cg < kMinGemmChannels && Og < kMinGemmChannels; }
-  int64_t Dp, Hp, Wp, Do, Ho, Wo, kD, kH, kW, sd, sh, sw, dd, dh, dw;
-  explicit Dims(const ConvGeometry& g)
-      : B(g.batch),
-        Cin(g.in_channels),
-        Cout(g.out_channels),
-        G(g.groups),
-        Cg(g.in_per_group),
-        Og(g.out_per_group),
-        taps(g.taps()),
-        Dp(g.in[0] + 2 * g.padding[0]),
-        Hp(g.in[1] + 2 * g.padding[1]),
-        Wp(g.in[2] + 2 * g.padding[2]),
-        Do(g.out[0]),
-        Ho(g.out[1]),
-        Wo(g.out[2]),
-        kD(g.kernel[0]),
-        kH(g.kernel[1]),
-        kW(g.kernel[2]),
-        sd(g.stride[0]),
-        sh(g.stride[1]),
-        sw(g.stride[2]),
-        dd(g.dilation[0]),
-        dh(g.dilation[1]),
-        dw(g.dilation[2]) {}
-  // The padded input at output position (b, od, oh, ow) and tap (kd, kh, kw), channel 0.
-  int64_t x_offset(int64_t b, int64_t od, int64_t oh, int64_t ow, int64_t kd, int64_t kh, int64_t kw) const {
-    return (((b * Dp + od * sd + kd * dd) * Hp + oh * sh + kh * dh) * Wp + ow * sw + kw * dw) * Cin;
-  }
-};
-
 // Copies the Cg channels of group gr at each tap in [t0, t1) for output positions [q0, q1) into col (row q - q0,
 // ld (t1 - t0) * Cg): the im2col of one tile.
 template <typename T>
-void im2col(const Dims& d, const T* xp, int64_t gr, int64_t q0, int64_t q1, int64_t t0, int64_t t1, T* col) {
+void im2col(const ConvDims& d, const T* xp, int64_t gr, int64_t q0, int64_t q1, int64_t t0, int64_t t1, T* col) {
   const int64_t ld = (t1 - t0) * d.Cg;
   // Offsets of the taps from a position's first tap, computed once: the per-row work is then one add and a copy of
   // Cg channels per tap (with an RGB first layer that copy is 3 values: divisions per tap would dominate).
@@ -261,7 +232,7 @@ void init_rows(T* dst, int64_t n, int64_t c, const T* bias) {
 // borders (ASPP's rate 18 on a 64x64 map: a third of all products) cost nothing. One task owns a row and sums its
 // taps in a fixed order.
 template <typename T>
-void shift_forward(const Dims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o) {
+void shift_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o) {
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2], pd = g.padding[0], ph = g.padding[1], pw = g.padding[2];
   at::parallel_for(0, d.B * d.Do * d.Ho, 1, [&](int64_t r0, int64_t r1) {
     const SerialBlas serial;
@@ -299,10 +270,10 @@ void shift_forward(const Dims& d, const ConvGeometry& g, const T* xp, const T* w
 // and the tap's weight is packed once per block instead of per row. The grid's Wp - Wo extra columns per row are
 // computed and dropped: a [R * Wp, Og] scratch per group, copied into the output rows at the end. Taps are skipped
 // when their depth is padding; rows whose input row is padding are cut off the ends of the GEMM.
-constexpr int64_t kBlockPositions = 256;
+constexpr int64_t kBlockPositions = 512;
 
 template <typename T>
-void block_forward(const Dims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o) {
+void block_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o) {
   const int64_t D = g.in[0], H = g.in[1], pd = g.padding[0], ph = g.padding[1];
   const int64_t R = std::max<int64_t>(1, std::min(d.Ho, kBlockPositions / d.Wp));
   const int64_t nblk = (d.Ho + R - 1) / R;
@@ -339,11 +310,11 @@ void block_forward(const Dims& d, const ConvGeometry& g, const T* xp, const T* w
   });
 }
 
-// The direct loops for thin groups (Dims::thin), on the same buffers and with the same partition as the
+// The direct loops for thin groups (ConvDims::thin), on the same buffers and with the same partition as the
 // GEMM paths. w is the forward's [taps * Cg, Cout] weight; the innermost loops run over contiguous output channels
 // (or, depthwise, over all channels at once) so that they vectorise.
 template <typename T>
-void direct_forward(const Dims& d, const T* xp, const T* w, const T* bias, T* o, int64_t q0, int64_t q1) {
+void direct_forward(const ConvDims& d, const T* xp, const T* w, const T* bias, T* o, int64_t q0, int64_t q1) {
   const bool depthwise = d.Cg == 1 && d.Og == 1;
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t ow = q % d.Wo, r = q / d.Wo, oh = r % d.Ho, od = (r / d.Ho) % d.Do, b = r / (d.Ho * d.Do);
@@ -371,7 +342,7 @@ void direct_forward(const Dims& d, const T* xp, const T* w, const T* bias, T* o,
 // Adds the gradient reaching input row dst (width W, columns shifted by the padding pw) from output row g through
 // taps (kd, kh, all kw).
 template <typename T>
-void direct_grad_input_row(const Dims& d, const T* g, const T* w, int64_t kd, int64_t kh, int64_t W, int64_t pw,
+void direct_grad_input_row(const ConvDims& d, const T* g, const T* w, int64_t kd, int64_t kh, int64_t W, int64_t pw,
                            T* dst) {
   const bool depthwise = d.Cg == 1 && d.Og == 1;
   for (int64_t ow = 0; ow < d.Wo; ++ow) {
@@ -399,7 +370,7 @@ void direct_grad_input_row(const Dims& d, const T* g, const T* w, int64_t kd, in
 
 // dw[tap, c, o] for o in [o0, o1), summed over all positions in order.
 template <typename T>
-void direct_grad_weight(const Dims& d, const T* xp, const T* g, int64_t tap, int64_t o0, int64_t o1, T* dw) {
+void direct_grad_weight(const ConvDims& d, const T* xp, const T* g, int64_t tap, int64_t o0, int64_t o1, T* dw) {
   const int64_t kw = tap % d.kW, kh = (tap / d.kW) % d.kH, kd = tap / (d.kW * d.kH);
   T* dst = dw + tap * d.Cg * d.Cout;
   for (int64_t c = 0; c < d.Cg; ++c) std::fill(dst + c * d.Cout + o0, dst + c * d.Cout + o1, T(0));
@@ -422,7 +393,7 @@ template <typename T>
 void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight, const at::Tensor* bias,
                   at::Tensor& out) {
   constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
-  const Dims d(g);
+  const ConvDims d(g);
   const at::Tensor xp_t = padded_input(input, g, dtype);
   // weight as [taps * Cg, Cout]: group gr's GEMM operand is columns [gr * Og, (gr + 1) * Og).
   const at::Tensor w_t = dense(cl5(weight, g.ndim).permute({1, 2, 3, 4, 0}), dtype);
@@ -439,6 +410,11 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   ntiles = (ntiles + threads - 1) / threads * threads;  // a whole number of rounds of the threads
   const int64_t tile = (positions + ntiles - 1) / ntiles;
   ntiles = (positions + tile - 1) / tile;
+  if (!d.thin() && direct_conv_preferred()) {
+    direct_conv_forward(d, g, xp, w, b_t.defined() ? b_t.const_data_ptr<T>() : nullptr, o);
+    res.finish();
+    return;
+  }
   if (d.Cg >= kShiftMinChannels && d.Og >= kShiftMinChannels && d.Wo >= kShiftMinWidth) {
     shift_forward(d, g, xp, w, b_t.defined() ? b_t.const_data_ptr<T>() : nullptr, o);
     res.finish();
@@ -479,7 +455,7 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
 template <typename T>
 void grad_input_impl(const ConvGeometry& g, const T* gp, const at::Tensor& weight, at::Tensor& grad_input) {
   constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
-  const Dims d(g);
+  const ConvDims d(g);
   const bool direct = d.thin();
   // weight as [kD, kH, Cout, kW, Cg]: for one (kd, kh) and group, rows o, columns (kw, c); the direct loops take
   // the forward's [taps * Cg, Cout].
@@ -550,7 +526,7 @@ void grad_input_impl(const ConvGeometry& g, const T* gp, const at::Tensor& weigh
 template <typename T>
 void grad_weight_impl(const ConvGeometry& g, const T* gp, const at::Tensor& input, at::Tensor& grad_weight) {
   constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
-  const Dims d(g);
+  const ConvDims d(g);
   const at::Tensor xp_t = padded_input(input, g, dtype);
   const T* xp = xp_t.const_data_ptr<T>();
   // dW as [taps * Cg, Cout] (the forward's weight operand), permuted into grad_weight at the end.
@@ -610,13 +586,79 @@ void grad_bias_impl(const ConvGeometry& g, const T* gp, at::Tensor& grad_bias) {
   grad_bias.copy_(at::from_blob(sums.data(), {Cout}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)));
 }
 
+// grad_x of a stride-1 convolution is itself one: the forward of grad, zero-padded by dilation * (kernel - 1) -
+// padding, with the weight flipped along every axis and its channel axes swapped (grad_x[q] = sum_t g[q + pad -
+// t * dil] W[t]^T). The direct forward kernel then serves the input gradient too. Its sizes, or nothing when the
+// convolution has a stride or a padding beyond the dilated kernel.
+std::optional<ConvGeometry> transposed_geometry(const ConvGeometry& g) {
+  ConvGeometry t = g;
+  for (int i = 0; i < 3; ++i) {
+    t.padding[i] = g.dilation[i] * (g.kernel[i] - 1) - g.padding[i];
+    if (g.stride[i] != 1 || t.padding[i] < 0) return std::nullopt;
+  }
+  t.in_channels = g.out_channels, t.out_channels = g.in_channels;
+  t.in_per_group = g.out_per_group, t.out_per_group = g.in_per_group;
+  t.in = g.out, t.out = g.in;
+  return t;
+}
+
+template <typename T>
+void direct_grad_input(const ConvGeometry& t, const at::Tensor& grad, const at::Tensor& weight,
+                       at::Tensor& grad_input) {
+  constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
+  const ConvDims d(t);
+  const at::Tensor gp = padded_input(grad, t, dtype);
+  // weight [Cout = G * Og, Cg, kD, kH, kW] -> [kD, kH, kW, Og, G * Cg] flipped: the forward's [taps * Cg', Cout']
+  const at::Tensor w5 = t.ndim == 2 ? weight.unsqueeze(2) : weight;
+  const at::Tensor w_t =
+      dense(w5.reshape({t.groups, t.in_per_group, t.out_per_group, t.kernel[0], t.kernel[1], t.kernel[2]})
+                .flip({3, 4, 5})
+                .permute({3, 4, 5, 1, 0, 2}),
+            dtype);
+  Result<T> res(grad_input, t.ndim);
+  direct_conv_forward(d, t, gp.const_data_ptr<T>(), w_t.const_data_ptr<T>(), static_cast<const T*>(nullptr),
+                      res.data());
+  res.finish();
+}
+
+template <typename T>
+void direct_grad_weight(const ConvGeometry& g, const T* gp, const at::Tensor& input, at::Tensor& grad_weight) {
+  constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
+  const ConvDims d(g);
+  const at::Tensor xp_t = padded_input(input, g, dtype);
+  at::Tensor dw_t = at::empty({d.taps * d.Cg, d.Cout}, input.options().dtype(dtype));
+  direct_conv_grad_weight(d, g, xp_t.const_data_ptr<T>(), gp, dw_t.mutable_data_ptr<T>());
+  at::Tensor gw5 = g.ndim == 2 ? grad_weight.unsqueeze(2) : grad_weight;
+  gw5.permute({2, 3, 4, 1, 0}).copy_(dw_t.view({d.kD, d.kH, d.kW, d.Cg, d.Cout}));
+}
+
 template <typename T>
 void backward_impl(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                    at::Tensor* grad_input, at::Tensor* grad_weight, at::Tensor* grad_bias) {
-  const at::Tensor g_t = dense(cl5(grad, g.ndim), c10::CppTypeToScalarType<T>::value);
+  const std::optional<ConvGeometry> t = transposed_geometry(g);
+  if (grad_input != nullptr && t && !ConvDims(*t).thin() && direct_conv_preferred()) {
+    direct_grad_input<T>(*t, grad, weight, *grad_input);
+    grad_input = nullptr;
+  }
+  if (grad_input == nullptr && grad_weight == nullptr && grad_bias == nullptr) return;
+  constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
+  const bool direct_w = grad_weight != nullptr && !ConvDims(g).thin() && direct_conv_preferred();
+  at::Tensor g_t;
+  if (direct_w) {  // a dense copy readable kDirectTail elements past its end
+    const at::Tensor g5 = cl5(grad, g.ndim);
+    at::Tensor buf = at::empty({g5.numel() + kDirectTail}, grad.options().dtype(dtype));
+    buf.narrow(0, g5.numel(), kDirectTail).zero_();
+    g_t = buf.narrow(0, 0, g5.numel()).view(g5.sizes()).copy_(g5);
+  } else {
+    g_t = dense(cl5(grad, g.ndim), dtype);
+  }
   const T* gp = g_t.const_data_ptr<T>();
   if (grad_input != nullptr) grad_input_impl<T>(g, gp, weight, *grad_input);
-  if (grad_weight != nullptr) grad_weight_impl<T>(g, gp, input, *grad_weight);
+  if (direct_w) {
+    direct_grad_weight<T>(g, gp, input, *grad_weight);
+  } else if (grad_weight != nullptr) {
+    grad_weight_impl<T>(g, gp, input, *grad_weight);
+  }
   if (grad_bias != nullptr) grad_bias_impl<T>(g, gp, *grad_bias);
 }
 
