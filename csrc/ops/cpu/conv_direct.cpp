@@ -12,6 +12,7 @@
 // zero padding for a tile (ASPP's large rates near the borders) are left out of its sum. Each output is summed by
 // one task in a fixed order (bias, then taps in order, channels in order): the bits do not depend on the threads.
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -100,6 +101,7 @@ struct TileArgs {
   const int64_t* xoff;
   const int64_t* woff;
   int64_t n, K;
+  const int64_t* klen;  // per segment K instead, when not null
   const T* init;
   T* out;
   int64_t ldo, ncols;
@@ -130,7 +132,8 @@ VISIONOPS_AVX2 void tile(const TileArgs<T>& a) {
   for (int64_t s = 0; s < a.n; ++s) {
     const T* xs = a.x + a.xoff[s];
     const T* ws = a.w + a.woff[s];
-    for (int64_t k = 0; k < a.K; ++k, xs += a.xk, ws += a.wk) {
+    const int64_t K = a.klen != nullptr ? a.klen[s] : a.K;
+    for (int64_t k = 0; k < K; ++k, xs += a.xk, ws += a.wk) {
       const typename W::V w0 = W::load(ws), w1 = W::load(ws + L);
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) {
@@ -187,24 +190,42 @@ void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, 
   for (int i = 0; i < kTile; ++i) roff[i] = i * d.sw * d.Cin;
   at::parallel_for(0, d.B * d.Do * d.Ho, 1, [&](int64_t r0, int64_t r1) {
     // per tile: its taps that read some of the image (input and weight offsets), and where each chunk's begin
-    std::vector<int64_t> xoff(ntiles * d.taps), woff(ntiles * d.taps), begin(ntiles * (nchunks + 1));
+    std::vector<int64_t> xoff(ntiles * d.taps), woff(ntiles * d.taps), klen(ntiles * d.taps);
+    std::vector<int64_t> begin(ntiles * (nchunks + 1));
+    // The lists depend on the row only through which (kd, kh) read inside the image: rebuilt when that changes
+    std::array<int64_t, 4> listed{-1, -1, -1, -1};
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t oh = r % d.Ho, od = (r / d.Ho) % d.Do, b = r / (d.Ho * d.Do);
-      for (int64_t tl = 0; tl < ntiles; ++tl) {
+      std::array<int64_t, 4> inside{d.kD, 0, d.kH, 0};  // [kd_lo, kd_hi), [kh_lo, kh_hi)
+      for (int64_t kd = 0; kd < d.kD; ++kd)
+        if (od * d.sd + kd * d.dd >= pd && od * d.sd + kd * d.dd < pd + D)
+          inside[0] = std::min(inside[0], kd), inside[1] = kd + 1;
+      for (int64_t kh = 0; kh < d.kH; ++kh)
+        if (oh * d.sh + kh * d.dh >= ph && oh * d.sh + kh * d.dh < ph + H)
+          inside[2] = std::min(inside[2], kh), inside[3] = kh + 1;
+      for (int64_t tl = 0; tl < ntiles && inside != listed; ++tl) {
         const int64_t ow0 = tl * width, m = std::min(width, d.Wo - ow0);
         int64_t n = 0;
         for (int64_t t = 0; t < d.taps; ++t) {
           if (t % chunk == 0) begin[tl * (nchunks + 1) + t / chunk] = n;
           const int64_t kw = t % d.kW, kh = (t / d.kW) % d.kH, kd = t / (d.kW * d.kH);
-          const int64_t zd = od * d.sd + kd * d.dd, zh = oh * d.sh + kh * d.dh;
           const int64_t first = ow0 * d.sw + kw * d.dw, last = (ow0 + m - 1) * d.sw + kw * d.dw;
-          if (zd < pd || zd >= pd + D || zh < ph || zh >= ph + H || last < pw || first >= pw + W) continue;
-          xoff[tl * d.taps + n] = d.x_offset(0, 0, 0, 0, kd, kh, kw);
-          woff[tl * d.taps + n] = t * d.Cg * N;
+          if (kd < inside[0] || kd >= inside[1] || kh < inside[2] || kh >= inside[3] || last < pw || first >= pw + W)
+            continue;
+          const int64_t xo = d.x_offset(0, 0, 0, 0, kd, kh, kw), wo = t * d.Cg * N, prev = tl * d.taps + n - 1;
+          // a tap whose input channels follow the previous tap's in memory, as its weight rows do (unit dilation
+          // along W and one group: an RGB first layer's 3 kW taps are 9 values in a row), extends its segment
+          if (n > begin[tl * (nchunks + 1) + t / chunk] && xoff[prev] + klen[prev] == xo &&
+              woff[prev] + klen[prev] * N == wo) {
+            klen[prev] += d.Cg;
+            continue;
+          }
+          xoff[prev + 1] = xo, woff[prev + 1] = wo, klen[prev + 1] = d.Cg;
           ++n;
         }
         begin[tl * (nchunks + 1) + nchunks] = n;
       }
+      listed = inside;
       for (int64_t k = 0; k < d.G * nob; ++k) {
         const int64_t gr = k / nob, o0 = gr * d.Og + (k % nob) * N, ncols = std::min(N, (gr + 1) * d.Og - o0);
         for (int64_t ch = 0; ch < nchunks; ++ch)
@@ -215,8 +236,8 @@ void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, 
             run_tile(
                 m, TileArgs<T>{xp + d.x_offset(b, od, oh, ow0, 0, 0, 0) + gr * d.Cg, roff, 1, wpk.data() + k * block, N,
                                xoff.data() + tl * d.taps + i0, woff.data() + tl * d.taps + i0, i1 - i0, d.Cg,
-                               ch == 0 ? bpk.data() + k * N : nullptr, o + ((r * d.Wo) + ow0) * d.Cout + o0, d.Cout,
-                               ncols});
+                               klen.data() + tl * d.taps + i0, ch == 0 ? bpk.data() + k * N : nullptr,
+                               o + ((r * d.Wo) + ow0) * d.Cout + o0, d.Cout, ncols});
           }
       }
     }
@@ -282,7 +303,7 @@ void direct_conv_grad_weight(const ConvDims& d, const ConvGeometry& g, const T* 
           }
           if (blk > 0 && n == 0) continue;
           run_tile(m, TileArgs<T>{xp, roff, d.sw * d.Cin, gp + o0, d.Cout, xoff.data(), woff.data(), n, hi - lo,
-                                  blk == 0 ? zeros.data() : nullptr, dw + r0 * d.Cout + o0, d.Cout, ncols});
+                                  nullptr, blk == 0 ? zeros.data() : nullptr, dw + r0 * d.Cout + o0, d.Cout, ncols});
         }
       }
     }
