@@ -543,6 +543,7 @@ NO_IM2COL = {
     "blocks 3d": (1, 32, 48, (5, 9, 11), (3, 3, 3), (2, 1, 1), (1, 2, 0), (1, 2, 1), 1, True),
     "rgb input, 20 outputs": (2, 3, 20, (11, 13), (3, 3), 1, 1, 1, 1, True),
     "padding beyond the kernel": (1, 8, 24, (6, 7), (3, 3), 1, 3, 1, 1, True),
+    "taps in two passes": (1, 128, 20, (3, 4, 5), (3, 3, 3), 1, 1, 1, 1, True),
 }
 
 
@@ -564,6 +565,13 @@ def test_cpu_kernels_wide_groups(name, threads, cpu_kernel):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     for name_, g, e in zip(("input", "weight", "bias"), got, torch.autograd.grad(expected, theirs, go)):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=lambda m, k=name_: f"grad {k}: {m}")
+    # channels-last input and grad: written through the channels-last layout instead of in place channels-first
+    cl = [ours[0].detach().contiguous(memory_format=FORMATS[n]).requires_grad_(), *ours[1:]]
+    out_cl = OURS[n](cl[0], cl[1], bias(cl), *rest, backend="cpp")
+    assert out_cl.is_contiguous(memory_format=FORMATS[n])
+    torch.testing.assert_close(out_cl, expected, rtol=1e-10, atol=1e-10)
+    (gx_cl,) = torch.autograd.grad(out_cl, cl[:1], go.contiguous(memory_format=FORMATS[n]))
+    torch.testing.assert_close(gx_cl, got[0], rtol=1e-10, atol=1e-10)
     f32 = [t.detach().float().requires_grad_() for t in ours]
     out32 = OURS[n](f32[0], f32[1], bias(f32), *rest, backend="cpp")
     torch.testing.assert_close(out32.double(), out, rtol=1e-4, atol=1e-4)

@@ -53,8 +53,10 @@ bool direct_conv_available();
 // Whether the forward takes the direct kernel by default on this machine: AVX2 and FMA but no AVX-512 (where BLAS's
 // wider GEMM kernels win). VISIONOPS_CONV_CPU=direct or =blas overrides it (direct only where available).
 bool direct_conv_preferred();
+// With channels_first, out is [B, Cout, Do, Ho, Wo] instead (written in place: no channels-last buffer to copy).
 template <typename T>
-void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o);
+void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o,
+                         bool channels_first = false);
 // The weight gradient the same way: dw [taps * Cg, Cout] from the padded input xp and grad gp [B, Do, Ho, Wo, Cout],
 // which must be readable 2 vectors (kDirectTail elements) past its end.
 constexpr int64_t kDirectTail = 16;

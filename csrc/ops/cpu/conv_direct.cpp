@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -60,6 +61,7 @@ namespace {
 // Output positions per micro-kernel call: 6 x 2 accumulators, 2 weight vectors and a broadcast fill 15 of the 16
 // vector registers.
 constexpr int64_t kTile = 6;
+constexpr int kVecs = 2;  // vectors of output channels per tile (4 x 3 ran slower on Zen 1)
 // The most bytes of packed weight one pass over a row's tiles reads: the rest of the core's L2 holds the input rows.
 constexpr int64_t kChunkBytes = 160 << 10;
 // Positions (whole output rows) per block of grad_w's sum: their grad rows stay in L1 across a task's row tiles.
@@ -105,26 +107,34 @@ struct TileArgs {
   const T* init;
   T* out;
   int64_t ldo, ncols;
+  int64_t cs;  // out's column stride: 1, or a channels-first output's plane size (columns scattered from a buffer)
 };
 
 template <typename T, int M>
 VISIONOPS_AVX2 void tile(const TileArgs<T>& a) {
   using W = Vec<T>;
-  constexpr int L = W::kLanes;
-  typename W::V acc[M][2];
-  alignas(32) T buf[M][2 * L];
-  // (every loop over i unrolled, so that acc lives in registers)
+  constexpr int L = W::kLanes, NV = kVecs;
+  typename W::V acc[M][NV];
+  alignas(32) T buf[M][NV * L];
+  // (every loop over i and v unrolled, so that acc lives in registers)
   if (a.init != nullptr) {
-    const typename W::V b0 = W::load(a.init), b1 = W::load(a.init + L);
 #pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) acc[i][0] = b0, acc[i][1] = b1;
-  } else if (a.ncols == 2 * L) {
+    for (int v = 0; v < NV; ++v) {
+      const typename W::V b = W::load(a.init + v * L);
 #pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) acc[i][0] = W::load(a.out + i * a.ldo), acc[i][1] = W::load(a.out + i * a.ldo + L);
+      for (int i = 0; i < M; ++i) acc[i][v] = b;
+    }
   } else {
-    for (int i = 0; i < M; ++i) std::fill(std::copy_n(a.out + i * a.ldo, a.ncols, buf[i]), buf[i] + 2 * L, T(0));
+    const bool whole = a.ncols == NV * L && a.cs == 1;
+    if (!whole)
+      for (int i = 0; i < M; ++i) {
+        for (int64_t j = 0; j < a.ncols; ++j) buf[i][j] = a.out[i * a.ldo + j * a.cs];
+        std::fill(buf[i] + a.ncols, buf[i] + NV * L, T(0));
+      }
 #pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) acc[i][0] = W::load(buf[i]), acc[i][1] = W::load(buf[i] + L);
+    for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] = W::load((whole ? a.out + i * a.ldo : buf[i]) + v * L);
   }
   int64_t roff[M];
 #pragma GCC unroll 8
@@ -134,37 +144,45 @@ VISIONOPS_AVX2 void tile(const TileArgs<T>& a) {
     const T* ws = a.w + a.woff[s];
     const int64_t K = a.klen != nullptr ? a.klen[s] : a.K;
     for (int64_t k = 0; k < K; ++k, xs += a.xk, ws += a.wk) {
-      const typename W::V w0 = W::load(ws), w1 = W::load(ws + L);
+      typename W::V w[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) w[v] = W::load(ws + v * L);
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) {
         const typename W::V xb = W::bcast(xs + roff[i]);
-        acc[i][0] = W::fma(xb, w0, acc[i][0]);
-        acc[i][1] = W::fma(xb, w1, acc[i][1]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[i][v] = W::fma(xb, w[v], acc[i][v]);
       }
     }
   }
-  if (a.ncols == 2 * L) {
+  const bool whole = a.ncols == NV * L && a.cs == 1;
 #pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) W::store(a.out + i * a.ldo, acc[i][0]), W::store(a.out + i * a.ldo + L, acc[i][1]);
-    return;
-  }
+  for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
-  for (int i = 0; i < M; ++i) W::store(buf[i], acc[i][0]), W::store(buf[i] + L, acc[i][1]);
-  for (int i = 0; i < M; ++i) std::copy_n(buf[i], a.ncols, a.out + i * a.ldo);
+    for (int v = 0; v < NV; ++v) W::store((whole ? a.out + i * a.ldo : buf[i]) + v * L, acc[i][v]);
+  if (!whole)
+    for (int64_t j = 0; j < a.ncols; ++j)
+      for (int i = 0; i < M; ++i) a.out[i * a.ldo + j * a.cs] = buf[i][j];
+}
+
+template <typename T, size_t... I>
+void run_tile_(int64_t m, const TileArgs<T>& a, std::index_sequence<I...>) {
+  static constexpr void (*fns[])(const TileArgs<T>&) = {tile<T, static_cast<int>(I) + 1>...};
+  fns[m - 1](a);
 }
 
 template <typename T>
 void run_tile(int64_t m, const TileArgs<T>& a) {
-  static constexpr void (*fns[kTile])(const TileArgs<T>&) = {tile<T, 1>, tile<T, 2>, tile<T, 3>,
-                                                             tile<T, 4>, tile<T, 5>, tile<T, 6>};
-  fns[m - 1](a);
+  run_tile_(m, a, std::make_index_sequence<kTile>());
 }
 
 }  // namespace
 
 template <typename T>
-void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o) {
-  constexpr int64_t N = 2 * Vec<T>::kLanes;  // output channels per block
+void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o,
+                         bool channels_first) {
+  const int64_t rows = d.Do * d.Ho, plane = rows * d.Wo;  // one image's output rows and positions
+  constexpr int64_t N = kVecs * Vec<T>::kLanes;           // output channels per block
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2], pd = g.padding[0], ph = g.padding[1], pw = g.padding[2];
   const int64_t nob = (d.Og + N - 1) / N, block = d.taps * d.Cg * N;
   // The packed weight [G, nob, taps, Cg, N] and bias [G, nob, N], zero past Og.
@@ -237,7 +255,9 @@ void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, 
                 m, TileArgs<T>{xp + d.x_offset(b, od, oh, ow0, 0, 0, 0) + gr * d.Cg, roff, 1, wpk.data() + k * block, N,
                                xoff.data() + tl * d.taps + i0, woff.data() + tl * d.taps + i0, i1 - i0, d.Cg,
                                klen.data() + tl * d.taps + i0, ch == 0 ? bpk.data() + k * N : nullptr,
-                               o + ((r * d.Wo) + ow0) * d.Cout + o0, d.Cout, ncols});
+                               channels_first ? o + (b * d.Cout + o0) * plane + (r % rows) * d.Wo + ow0
+                                              : o + (r * d.Wo + ow0) * d.Cout + o0,
+                               channels_first ? 1 : d.Cout, ncols, channels_first ? plane : 1});
           }
       }
     }
@@ -246,7 +266,7 @@ void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, 
 
 template <typename T>
 void direct_conv_grad_weight(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* gp, T* dw) {
-  constexpr int64_t N = 2 * Vec<T>::kLanes;
+  constexpr int64_t N = kVecs * Vec<T>::kLanes;
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2], pd = g.padding[0], ph = g.padding[1], pw = g.padding[2];
   const int64_t rows = d.taps * d.Cg, ntiles = (rows + kTile - 1) / kTile, nob = (d.Og + N - 1) / N;
   const int64_t runs = d.B * d.Do * d.Ho, per_block = std::max<int64_t>(1, kBlockPositions / d.Wo);
@@ -303,7 +323,7 @@ void direct_conv_grad_weight(const ConvDims& d, const ConvGeometry& g, const T* 
           }
           if (blk > 0 && n == 0) continue;
           run_tile(m, TileArgs<T>{xp, roff, d.sw * d.Cin, gp + o0, d.Cout, xoff.data(), woff.data(), n, hi - lo,
-                                  nullptr, blk == 0 ? zeros.data() : nullptr, dw + r0 * d.Cout + o0, d.Cout, ncols});
+                                  nullptr, blk == 0 ? zeros.data() : nullptr, dw + r0 * d.Cout + o0, d.Cout, ncols, 1});
         }
       }
     }
@@ -313,7 +333,7 @@ void direct_conv_grad_weight(const ConvDims& d, const ConvGeometry& g, const T* 
 #else
 
 template <typename T>
-void direct_conv_forward(const ConvDims&, const ConvGeometry&, const T*, const T*, const T*, T*) {
+void direct_conv_forward(const ConvDims&, const ConvGeometry&, const T*, const T*, const T*, T*, bool) {
   TORCH_CHECK(false, "conv: the direct CPU kernel needs an x86 CPU with AVX2 and FMA");
 }
 template <typename T>
@@ -324,9 +344,9 @@ void direct_conv_grad_weight(const ConvDims&, const ConvGeometry&, const T*, con
 #endif
 
 template void direct_conv_forward<float>(const ConvDims&, const ConvGeometry&, const float*, const float*, const float*,
-                                         float*);
+                                         float*, bool);
 template void direct_conv_forward<double>(const ConvDims&, const ConvGeometry&, const double*, const double*,
-                                          const double*, double*);
+                                          const double*, double*, bool);
 template void direct_conv_grad_weight<float>(const ConvDims&, const ConvGeometry&, const float*, const float*, float*);
 template void direct_conv_grad_weight<double>(const ConvDims&, const ConvGeometry&, const double*, const double*,
                                               double*);

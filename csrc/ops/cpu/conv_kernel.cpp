@@ -389,6 +389,19 @@ void direct_grad_weight(const ConvDims& d, const T* xp, const T* g, int64_t tap,
   }
 }
 
+// The direct forward into out: in place when out is contiguous in T (channels-first: the kernel scatters each tile's
+// channels) or channels-last and dense in T, else through a channels-last buffer copied into it.
+template <typename T>
+void direct_into(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, at::Tensor& out) {
+  if (out.scalar_type() == c10::CppTypeToScalarType<T>::value && out.is_contiguous()) {
+    direct_conv_forward(d, g, xp, w, bias, out.mutable_data_ptr<T>(), true);
+    return;
+  }
+  Result<T> res(out, g.ndim);
+  direct_conv_forward(d, g, xp, w, bias, res.data());
+  res.finish();
+}
+
 template <typename T>
 void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight, const at::Tensor* bias,
                   at::Tensor& out) {
@@ -399,9 +412,11 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   const at::Tensor w_t = dense(cl5(weight, g.ndim).permute({1, 2, 3, 4, 0}), dtype);
   // detached: the GEMMs below run on worker threads, which do not inherit the caller's below-autograd dispatch state
   const at::Tensor b_t = bias != nullptr ? dense(*bias, dtype).detach() : at::Tensor();
-  Result<T> res(out, g.ndim);
   const T* xp = xp_t.const_data_ptr<T>();
   const T* w = w_t.const_data_ptr<T>();
+  if (!d.thin() && direct_conv_preferred())
+    return direct_into(d, g, xp, w, b_t.defined() ? b_t.const_data_ptr<T>() : nullptr, out);
+  Result<T> res(out, g.ndim);
   T* o = res.data();
   const int64_t positions = d.B * d.Do * d.Ho * d.Wo, K = d.taps * d.Cg;
   const int64_t threads = at::get_num_threads();
@@ -410,11 +425,6 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   ntiles = (ntiles + threads - 1) / threads * threads;  // a whole number of rounds of the threads
   const int64_t tile = (positions + ntiles - 1) / ntiles;
   ntiles = (positions + tile - 1) / tile;
-  if (!d.thin() && direct_conv_preferred()) {
-    direct_conv_forward(d, g, xp, w, b_t.defined() ? b_t.const_data_ptr<T>() : nullptr, o);
-    res.finish();
-    return;
-  }
   if (d.Cg >= kShiftMinChannels && d.Og >= kShiftMinChannels && d.Wo >= kShiftMinWidth) {
     shift_forward(d, g, xp, w, b_t.defined() ? b_t.const_data_ptr<T>() : nullptr, o);
     res.finish();
@@ -615,10 +625,7 @@ void direct_grad_input(const ConvGeometry& t, const at::Tensor& grad, const at::
                 .flip({3, 4, 5})
                 .permute({3, 4, 5, 1, 0, 2}),
             dtype);
-  Result<T> res(grad_input, t.ndim);
-  direct_conv_forward(d, t, gp.const_data_ptr<T>(), w_t.const_data_ptr<T>(), static_cast<const T*>(nullptr),
-                      res.data());
-  res.finish();
+  direct_into(d, t, gp.const_data_ptr<T>(), w_t.const_data_ptr<T>(), static_cast<const T*>(nullptr), grad_input);
 }
 
 template <typename T>
