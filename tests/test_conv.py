@@ -509,21 +509,20 @@ def test_cpu_wide_channels_at_any_thread_count(n, dtype, threads):
 # The C++ CPU convolution has two sets of kernels: the direct AVX2 ones (the default on x86 CPUs with AVX2 but no
 # AVX-512) and the BLAS ones (elsewhere); VISIONOPS_CONV_CPU chooses. Both run in every test below, whatever this
 # machine's default.
-CPU_KERNELS = [
-    "blas",
-    pytest.param(
-        "direct",
-        marks=pytest.mark.skipif(
-            not visionops.build_info()["cpu_conv_direct"], reason="the direct CPU conv kernel needs AVX2 and FMA"
-        ),
-    ),
-]
+DIRECT = pytest.mark.skipif(
+    not visionops.build_info()["cpu_conv_direct"], reason="the direct CPU conv kernel needs AVX2 and FMA"
+)
+# "winograd": the default choice (Winograd F(2, 3) for wide 3x3x3 layers, else this CPU's kernels)
+CPU_KERNELS = ["blas", pytest.param("direct", marks=DIRECT), "winograd"]
 
 
 @pytest.fixture(params=CPU_KERNELS)
 def cpu_kernel(request, monkeypatch):
     monkeypatch.setenv("VISIONOPS_CONV_CPU", request.param)
-    assert visionops.build_info()["cpu_conv"] == request.param
+    info = visionops.build_info()
+    assert info["cpu_conv_winograd"] == (request.param == "winograd")
+    if request.param != "winograd":
+        assert info["cpu_conv"] == request.param
     return request.param
 
 
@@ -544,6 +543,8 @@ NO_IM2COL = {
     "rgb input, 20 outputs": (2, 3, 20, (11, 13), (3, 3), 1, 1, 1, 1, True),
     "padding beyond the kernel": (1, 8, 24, (6, 7), (3, 3), 1, 3, 1, 1, True),
     "taps in two passes": (1, 128, 20, (3, 4, 5), (3, 3, 3), 1, 1, 1, 1, True),
+    "winograd 3d, partial tiles": (2, 128, 136, (3, 5, 6), (3, 3, 3), 1, 1, 1, 1, True),
+    "winograd 3d dilated": (1, 128, 128, (4, 7, 5), (3, 3, 3), 1, (1, 2, 0), (1, 2, 1), 1, False),
 }
 
 

@@ -21,8 +21,9 @@ except ImportError as e:  # missing, or built against another torch (undefined s
 
 def build_info() -> dict:
     """How _C was built: visionops version, the torch it was compiled against, CUDA and its arches, backends, and
-    the CPU convolution kernel this machine runs (``cpu_conv``: ``"direct"``, the AVX2 kernel, or ``"blas"``; the
-    ``VISIONOPS_CONV_CPU`` environment variable chooses, where the CPU has AVX2 and FMA)."""
+    the CPU convolution kernels this machine runs (``cpu_conv``: ``"direct"``, the AVX2 kernels, or ``"blas"``;
+    ``cpu_conv_winograd``: whether eligible 3x3 and 3x3x3 convolutions take the Winograd forward). The
+    ``VISIONOPS_CONV_CPU`` environment variable chooses: ``direct`` or ``blas`` alone, or unset for the default."""
     raw = dict(kv.split("=", 1) for kv in torch.ops.visionops._build_info().split(";"))
     try:
         import triton  # noqa: F401
@@ -40,6 +41,7 @@ def build_info() -> dict:
         "backends": ["cpp", "reference"] + (["triton"] if triton_version else []),
         "cpu_conv_direct": raw["cpu_conv_direct"] == "1",
         "cpu_conv": raw["cpu_conv"],
+        "cpu_conv_winograd": raw["cpu_conv_winograd"] == "1",
     }
 
 

@@ -31,6 +31,7 @@ std::string build_info() {
   // which the convolutions take now.
   info += std::string(";cpu_conv_direct=") + (visionops::direct_conv_available() ? "1" : "0");
   info += std::string(";cpu_conv=") + (visionops::direct_conv_preferred() ? "direct" : "blas");
+  info += std::string(";cpu_conv_winograd=") + (visionops::winograd_preferred() ? "1" : "0");
   return info;
 }
 }  // namespace

@@ -42,6 +42,11 @@ bool direct_conv_available() {
 #endif
 }
 
+bool winograd_preferred() {
+  const char* env = std::getenv("VISIONOPS_CONV_CPU");
+  return env == nullptr || (std::strcmp(env, "direct") != 0 && std::strcmp(env, "blas") != 0);
+}
+
 bool direct_conv_preferred() {
   if (!direct_conv_available()) return false;
   const char* env = std::getenv("VISIONOPS_CONV_CPU");
@@ -179,8 +184,8 @@ void run_tile(int64_t m, const TileArgs<T>& a) {
 }  // namespace
 
 template <typename T>
-void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o,
-                         bool channels_first) {
+void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, const WeightView<T>& w, const T* bias,
+                         T* o, bool channels_first) {
   const int64_t rows = d.Do * d.Ho, plane = rows * d.Wo;  // one image's output rows and positions
   constexpr int64_t N = kVecs * Vec<T>::kLanes;           // output channels per block
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2], pd = g.padding[0], ph = g.padding[1], pw = g.padding[2];
@@ -192,7 +197,7 @@ void direct_conv_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, 
       const int64_t o0 = (k / nob) * d.Og + (k % nob) * N, n = std::min(N, (k / nob + 1) * d.Og - o0);
       T* dst = wpk.data() + k * block;
       for (int64_t r = 0; r < d.taps * d.Cg; ++r, dst += N) {
-        std::copy_n(w + r * d.Cout + o0, n, dst);
+        for (int64_t j = 0; j < n; ++j) dst[j] = w(r / d.Cg, r % d.Cg, o0 + j);
         std::fill(dst + n, dst + N, T(0));
       }
       if (bias != nullptr) std::copy_n(bias + o0, n, bpk.data() + k * N);
@@ -333,7 +338,7 @@ void direct_conv_grad_weight(const ConvDims& d, const ConvGeometry& g, const T* 
 #else
 
 template <typename T>
-void direct_conv_forward(const ConvDims&, const ConvGeometry&, const T*, const T*, const T*, T*, bool) {
+void direct_conv_forward(const ConvDims&, const ConvGeometry&, const T*, const WeightView<T>&, const T*, T*, bool) {
   TORCH_CHECK(false, "conv: the direct CPU kernel needs an x86 CPU with AVX2 and FMA");
 }
 template <typename T>
@@ -343,10 +348,10 @@ void direct_conv_grad_weight(const ConvDims&, const ConvGeometry&, const T*, con
 
 #endif
 
-template void direct_conv_forward<float>(const ConvDims&, const ConvGeometry&, const float*, const float*, const float*,
-                                         float*, bool);
-template void direct_conv_forward<double>(const ConvDims&, const ConvGeometry&, const double*, const double*,
-                                          const double*, double*, bool);
+template void direct_conv_forward<float>(const ConvDims&, const ConvGeometry&, const float*, const WeightView<float>&,
+                                         const float*, float*, bool);
+template void direct_conv_forward<double>(const ConvDims&, const ConvGeometry&, const double*,
+                                          const WeightView<double>&, const double*, double*, bool);
 template void direct_conv_grad_weight<float>(const ConvDims&, const ConvGeometry&, const float*, const float*, float*);
 template void direct_conv_grad_weight<double>(const ConvDims&, const ConvGeometry&, const double*, const double*,
                                               double*);

@@ -20,7 +20,9 @@
 //   grad_w   dW_t[Cg x Ob]  += col_t[P x Cg]^T @ g[P x Ob]          per (tap, group, block of output channels), over
 //                                                                   all positions in tiles of kWeightTile, in order
 //
-// On x86 CPUs with AVX2 but no AVX-512 (direct_conv_preferred) the forward and grad_w run instead as register-blocked
+// Wide 3x3x3 layers at stride 1 take a Winograd F(2, 3) forward instead (conv_winograd.cpp), on any CPU, and so does
+// their grad_x where the direct kernels run. On x86 CPUs with AVX2 but no AVX-512 (direct_conv_preferred) the forward
+// and grad_w of the other layers run as register-blocked
 // direct convolutions (conv_direct.cpp), and so does grad_x where the stride is 1: it is then the forward of the
 // padded grad with the flipped weight (transposed_geometry). The GEMMs below remain the path elsewhere, where BLAS's
 // AVX-512 kernels are the faster, and for strided input gradients.
@@ -95,13 +97,6 @@ at::Tensor padded_input(const at::Tensor& input, const ConvGeometry& g, at::Scal
   return xp;
 }
 
-// A [rows, cols] matrix view of p with row stride ld (no copy; the buffer outlives it).
-template <typename T>
-at::Tensor mat(const T* p, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
 // Where a [B, D, H, W, C] result goes: out's own memory when its channels-last view is dense in T, else a buffer
 // copied into out by finish().
 template <typename T>
@@ -116,25 +111,6 @@ struct Result {
   void finish() {
     if (!buf.is_same(view)) view.copy_(buf);
   }
-};
-
-// Each task's GEMMs run single-threaded: inside at::parallel_for MKL may still split one GEMM over threads (and so
-// its sums, making grad_w's bits depend on the thread count). MKL_Set_Num_Threads_Local is MKL's per-thread setting
-// (the C entry mkl_service.h's mkl_set_num_threads_local names; the lower-case symbol is the Fortran one, taking a
-// pointer), declared weak so that a torch built on another BLAS (single-threaded inside OpenMP regions) loads too.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
-class SerialBlas {
- public:
-  SerialBlas() : prev_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SerialBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev_);
-  }
-  SerialBlas(const SerialBlas&) = delete;
-  SerialBlas& operator=(const SerialBlas&) = delete;
-
- private:
-  int prev_;
 };
 
 // A task's scratch matrix, 64-byte aligned: BLAS may pick its kernel by the operands' alignment, and the bits of
@@ -187,31 +163,6 @@ void im2col(const ConvDims& d, const T* xp, int64_t gr, int64_t q0, int64_t q1, 
       }
     }
   }
-}
-
-// BLAS's own GEMM entries (MKL's, exported by libtorch_cpu), declared weak: a torch built on another BLAS loads too
-// and takes at::addmm_ instead. Fortran interface, LP64 (32-bit ints), column-major.
-extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                       const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-                       const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-
-// Row-major C[M x N] += A[M x K] @ B[K x N] (leading dimensions lda, ldb, ldc): called per output row and tap, a few
-// thousand times per convolution, where at::addmm_'s dispatch and tensor wrapping would cost a tenth of the time.
-template <typename T>
-void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  auto blas = [&](auto* fn) {
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const T one = 1;
-    fn("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &one, C, &lc);  // C^T = B^T A^T, column-major
-  };
-  if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_ != nullptr) return blas(sgemm_);
-  } else {
-    if (dgemm_ != nullptr) return blas(dgemm_);
-  }
-  mat(C, M, N, ldc).addmm_(mat(A, M, K, lda), mat(B, K, N, ldb));
 }
 
 // Each of n rows of width c set to bias[0, c) (zeros without a bias): the start of a forward's sum over taps.
@@ -391,14 +342,15 @@ void direct_grad_weight(const ConvDims& d, const T* xp, const T* g, int64_t tap,
 
 // The direct forward into out: in place when out is contiguous in T (channels-first: the kernel scatters each tile's
 // channels) or channels-last and dense in T, else through a channels-last buffer copied into it.
-template <typename T>
-void direct_into(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, at::Tensor& out) {
+template <typename T, typename Kernel>
+void direct_into(const ConvDims& d, const ConvGeometry& g, const T* xp, const WeightView<T>& w, const T* bias,
+                 at::Tensor& out, Kernel kernel) {
   if (out.scalar_type() == c10::CppTypeToScalarType<T>::value && out.is_contiguous()) {
-    direct_conv_forward(d, g, xp, w, bias, out.mutable_data_ptr<T>(), true);
+    kernel(d, g, xp, w, bias, out.mutable_data_ptr<T>(), true);
     return;
   }
   Result<T> res(out, g.ndim);
-  direct_conv_forward(d, g, xp, w, bias, res.data());
+  kernel(d, g, xp, w, bias, res.data(), false);
   res.finish();
 }
 
@@ -408,14 +360,20 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
   const ConvDims d(g);
   const at::Tensor xp_t = padded_input(input, g, dtype);
-  // weight as [taps * Cg, Cout]: group gr's GEMM operand is columns [gr * Og, (gr + 1) * Og).
-  const at::Tensor w_t = dense(cl5(weight, g.ndim).permute({1, 2, 3, 4, 0}), dtype);
   // detached: the GEMMs below run on worker threads, which do not inherit the caller's below-autograd dispatch state
   const at::Tensor b_t = bias != nullptr ? dense(*bias, dtype).detach() : at::Tensor();
   const T* xp = xp_t.const_data_ptr<T>();
+  const bool winograd = winograd_eligible(d) && winograd_preferred();
+  if (winograd || (!d.thin() && direct_conv_preferred())) {
+    // these read the weight in its own layout [Cout, Cg, taps]
+    const at::Tensor w_c = dense(weight, dtype);
+    const WeightView<T> wv{w_c.const_data_ptr<T>(), 1, d.taps, d.Cg * d.taps};
+    return direct_into(d, g, xp, wv, b_t.defined() ? b_t.const_data_ptr<T>() : nullptr, out,
+                       winograd ? winograd_forward<T> : direct_conv_forward<T>);
+  }
+  // weight as [taps * Cg, Cout]: group gr's GEMM operand is columns [gr * Og, (gr + 1) * Og).
+  const at::Tensor w_t = dense(cl5(weight, g.ndim).permute({1, 2, 3, 4, 0}), dtype);
   const T* w = w_t.const_data_ptr<T>();
-  if (!d.thin() && direct_conv_preferred())
-    return direct_into(d, g, xp, w, b_t.defined() ? b_t.const_data_ptr<T>() : nullptr, out);
   Result<T> res(out, g.ndim);
   T* o = res.data();
   const int64_t positions = d.B * d.Do * d.Ho * d.Wo, K = d.taps * d.Cg;
@@ -625,7 +583,9 @@ void direct_grad_input(const ConvGeometry& t, const at::Tensor& grad, const at::
                 .flip({3, 4, 5})
                 .permute({3, 4, 5, 1, 0, 2}),
             dtype);
-  direct_into(d, t, gp.const_data_ptr<T>(), w_t.const_data_ptr<T>(), static_cast<const T*>(nullptr), grad_input);
+  const WeightView<T> wv{w_t.const_data_ptr<T>(), t.in_per_group * t.out_channels, t.out_channels, 1};
+  direct_into(d, t, gp.const_data_ptr<T>(), wv, static_cast<const T*>(nullptr), grad_input,
+              winograd_eligible(d) && winograd_preferred() ? winograd_forward<T> : direct_conv_forward<T>);
 }
 
 template <typename T>
