@@ -46,10 +46,18 @@ struct Axis {
 };
 
 // The three transforms along one axis of a block x [outer][K][inner] -> y [outer][R][inner], written out (each
-// output once). Each runs on T and on GCC vectors of 32 bytes (apply<V>), so that the loop over inner is vectorised
-// whatever the compiler's cost model says.
+// output once). Each runs on GCC vectors of 16 bytes (SSE2, every x86-64 CPU; other targets split them), then on T
+// for the tail, so that the loop over inner is vectorised whatever the compiler's cost model says.
 template <typename T>
-using Vec32 = T __attribute__((vector_size(16)));
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(16)));
+};
 
 template <typename V, typename T>
 V load(const T* p) {
@@ -65,7 +73,7 @@ void store(T* p, V v) {
 // Runs f(x_k, y_r) over [0, n): in vectors, then the tail in scalars.
 template <int K, int R, typename T, typename F>
 void each(const T* const* x, T* const* y, int64_t n, F f) {
-  using V = Vec32<T>;
+  using V = typename VecOf<T>::type;
   constexpr int64_t L = sizeof(V) / sizeof(T);
   int64_t i = 0;
   for (; i + L <= n; i += L) {
