@@ -22,10 +22,9 @@
 //
 // Wide 3x3x3 layers at stride 1 take a Winograd F(2, 3) forward instead (conv_winograd.cpp), on any CPU, and so does
 // their grad_x where the direct kernels run. On x86 CPUs with AVX2 but no AVX-512 (direct_conv_preferred) the forward
-// and grad_w of the other layers run as register-blocked
-// direct convolutions (conv_direct.cpp), and so does grad_x where the stride is 1: it is then the forward of the
-// padded grad with the flipped weight (transposed_geometry). The GEMMs below remain the path elsewhere, where BLAS's
-// AVX-512 kernels are the faster, and for strided input gradients.
+// and grad_w of the other layers run as register-blocked direct convolutions (conv_direct.cpp), and so does grad_x
+// where the stride is 1: it is then the forward of the padded grad with the flipped weight (transposed_geometry). The
+// GEMMs below remain the path elsewhere, where BLAS's AVX-512 kernels are the faster, and for strided input gradients.
 //
 // Each task owns its outputs (grad_x whole input rows, grad_w a block of one tap) and sums in a fixed order, and
 // the partition of grad_w does not depend on the thread count, so neither do its bits. The GEMMs go through
