@@ -42,16 +42,19 @@ bool direct_conv_available() {
 #endif
 }
 
-bool winograd_preferred() {
+namespace {
+// VISIONOPS_CONV_CPU: "direct" or "blas" (only those kernels), or unset / anything else (the default choice).
+const char* conv_cpu_env() {
   const char* env = std::getenv("VISIONOPS_CONV_CPU");
-  return env == nullptr || (std::strcmp(env, "direct") != 0 && std::strcmp(env, "blas") != 0);
+  return env != nullptr && (std::strcmp(env, "direct") == 0 || std::strcmp(env, "blas") == 0) ? env : nullptr;
 }
+}  // namespace
+
+bool winograd_preferred() { return conv_cpu_env() == nullptr; }
 
 bool direct_conv_preferred() {
   if (!direct_conv_available()) return false;
-  const char* env = std::getenv("VISIONOPS_CONV_CPU");
-  if (env != nullptr && std::strcmp(env, "direct") == 0) return true;
-  if (env != nullptr && std::strcmp(env, "blas") == 0) return false;
+  if (const char* env = conv_cpu_env()) return std::strcmp(env, "direct") == 0;
 #if VISIONOPS_DIRECT_CONV
   static const bool wide = __builtin_cpu_supports("avx512f");
   return !wide;

@@ -220,7 +220,7 @@ void shift_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, const 
 // and the tap's weight is packed once per block instead of per row. The grid's Wp - Wo extra columns per row are
 // computed and dropped: a [R * Wp, Og] scratch per group, copied into the output rows at the end. Taps are skipped
 // when their depth is padding; rows whose input row is padding are cut off the ends of the GEMM.
-constexpr int64_t kBlockPositions = 512;
+constexpr int64_t kBlockPositions = 256;
 
 template <typename T>
 void block_forward(const ConvDims& d, const ConvGeometry& g, const T* xp, const T* w, const T* bias, T* o) {
@@ -339,6 +339,12 @@ void direct_grad_weight(const ConvDims& d, const T* xp, const T* g, int64_t tap,
   }
 }
 
+// The forward kernel of the direct family for d: Winograd where eligible and preferred, else the AVX2 direct one.
+template <typename T>
+auto direct_family_kernel(const ConvDims& d) {
+  return winograd_eligible(d) && winograd_preferred() ? winograd_forward<T> : direct_conv_forward<T>;
+}
+
 // The direct forward into out: in place when out is contiguous in T (channels-first: the kernel scatters each tile's
 // channels) or channels-last and dense in T, else through a channels-last buffer copied into it.
 template <typename T, typename Kernel>
@@ -362,13 +368,12 @@ void forward_impl(const ConvGeometry& g, const at::Tensor& input, const at::Tens
   // detached: the GEMMs below run on worker threads, which do not inherit the caller's below-autograd dispatch state
   const at::Tensor b_t = bias != nullptr ? dense(*bias, dtype).detach() : at::Tensor();
   const T* xp = xp_t.const_data_ptr<T>();
-  const bool winograd = winograd_eligible(d) && winograd_preferred();
-  if (winograd || (!d.thin() && direct_conv_preferred())) {
+  if ((winograd_eligible(d) && winograd_preferred()) || (!d.thin() && direct_conv_preferred())) {
     // these read the weight in its own layout [Cout, Cg, taps]
     const at::Tensor w_c = dense(weight, dtype);
     const WeightView<T> wv{w_c.const_data_ptr<T>(), 1, d.taps, d.Cg * d.taps};
     return direct_into(d, g, xp, wv, b_t.defined() ? b_t.const_data_ptr<T>() : nullptr, out,
-                       winograd ? winograd_forward<T> : direct_conv_forward<T>);
+                       direct_family_kernel<T>(d));
   }
   // weight as [taps * Cg, Cout]: group gr's GEMM operand is columns [gr * Og, (gr + 1) * Og).
   const at::Tensor w_t = dense(cl5(weight, g.ndim).permute({1, 2, 3, 4, 0}), dtype);
@@ -490,8 +495,10 @@ void grad_input_impl(const ConvGeometry& g, const T* gp, const at::Tensor& weigh
   res.finish();
 }
 
+// direct: the AVX2 kernel (conv_direct.cpp; gp then readable kDirectTail elements past its end).
 template <typename T>
-void grad_weight_impl(const ConvGeometry& g, const T* gp, const at::Tensor& input, at::Tensor& grad_weight) {
+void grad_weight_impl(const ConvGeometry& g, const T* gp, const at::Tensor& input, at::Tensor& grad_weight,
+                      bool direct) {
   constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
   const ConvDims d(g);
   const at::Tensor xp_t = padded_input(input, g, dtype);
@@ -500,7 +507,9 @@ void grad_weight_impl(const ConvGeometry& g, const T* gp, const at::Tensor& inpu
   at::Tensor dw_t = at::empty({d.taps * d.Cg, d.Cout}, input.options().dtype(dtype));
   T* dw = dw_t.mutable_data_ptr<T>();
   const int64_t positions = d.B * d.Do * d.Ho * d.Wo;
-  if (d.thin()) {
+  if (direct) {
+    direct_conv_grad_weight(d, g, xp, gp, dw);
+  } else if (d.thin()) {
     constexpr int64_t kBlock = 64;  // output channels per task
     const int64_t nblk = (d.Cout + kBlock - 1) / kBlock;
     at::parallel_for(0, d.taps * nblk, 1, [&](int64_t t0, int64_t t1) {
@@ -583,19 +592,7 @@ void direct_grad_input(const ConvGeometry& t, const at::Tensor& grad, const at::
                 .permute({3, 4, 5, 1, 0, 2}),
             dtype);
   const WeightView<T> wv{w_t.const_data_ptr<T>(), t.in_per_group * t.out_channels, t.out_channels, 1};
-  direct_into(d, t, gp.const_data_ptr<T>(), wv, static_cast<const T*>(nullptr), grad_input,
-              winograd_eligible(d) && winograd_preferred() ? winograd_forward<T> : direct_conv_forward<T>);
-}
-
-template <typename T>
-void direct_grad_weight(const ConvGeometry& g, const T* gp, const at::Tensor& input, at::Tensor& grad_weight) {
-  constexpr auto dtype = c10::CppTypeToScalarType<T>::value;
-  const ConvDims d(g);
-  const at::Tensor xp_t = padded_input(input, g, dtype);
-  at::Tensor dw_t = at::empty({d.taps * d.Cg, d.Cout}, input.options().dtype(dtype));
-  direct_conv_grad_weight(d, g, xp_t.const_data_ptr<T>(), gp, dw_t.mutable_data_ptr<T>());
-  at::Tensor gw5 = g.ndim == 2 ? grad_weight.unsqueeze(2) : grad_weight;
-  gw5.permute({2, 3, 4, 1, 0}).copy_(dw_t.view({d.kD, d.kH, d.kW, d.Cg, d.Cout}));
+  direct_into(d, t, gp.const_data_ptr<T>(), wv, static_cast<const T*>(nullptr), grad_input, direct_family_kernel<T>(d));
 }
 
 template <typename T>
@@ -620,11 +617,7 @@ void backward_impl(const ConvGeometry& g, const at::Tensor& grad, const at::Tens
   }
   const T* gp = g_t.const_data_ptr<T>();
   if (grad_input != nullptr) grad_input_impl<T>(g, gp, weight, *grad_input);
-  if (direct_w) {
-    direct_grad_weight<T>(g, gp, input, *grad_weight);
-  } else if (grad_weight != nullptr) {
-    grad_weight_impl<T>(g, gp, input, *grad_weight);
-  }
+  if (grad_weight != nullptr) grad_weight_impl<T>(g, gp, input, *grad_weight, direct_w);
   if (grad_bias != nullptr) grad_bias_impl<T>(g, gp, *grad_bias);
 }
 
